@@ -1,0 +1,206 @@
+"""Offline evals over labelled sets: retrieval hit rate (grader metrics live beside the grader)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bot.coach import Retriever
+from bot.datasets import read_jsonl
+from bot.grader import LABELS, Grade, Grader, LabelledUtterance, grade_many
+
+
+class RetrievalSample(BaseModel):
+    """One line of a coach-dev style file."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    lang: str = ""
+    question: str = Field(min_length=1)
+    all_of: list[list[str]] = Field(min_length=1)
+
+
+def is_hit(all_of: list[list[str]], text: str) -> bool:
+    """Every group has at least one string occurring (case-insensitive) in text."""
+    haystack = text.casefold()
+    return all(any(s.casefold() in haystack for s in group) for group in all_of)
+
+
+def eval_retrieval(
+    retriever: Retriever,
+    data: Path,
+    k: int = 4,
+    progress: Callable[[Iterable[RetrievalSample]], Iterable[RetrievalSample]] = lambda x: x,
+) -> dict[str, Any]:
+    samples = read_jsonl(data, RetrievalSample)
+    rows: list[dict[str, Any]] = []
+    for sample in progress(samples):
+        passages = retriever.search(sample.question, k=k)
+        joined = "\n".join(p.text for p in passages)
+        rows.append(
+            {
+                "id": sample.id,
+                "lang": sample.lang,
+                "question": sample.question,
+                "hit": is_hit(sample.all_of, joined),
+                "sources": [p.source for p in passages],
+            }
+        )
+    hits = sum(r["hit"] for r in rows)
+    by_lang: dict[str, dict[str, float]] = {}
+    for lang in sorted({r["lang"] for r in rows}):
+        group = [r for r in rows if r["lang"] == lang]
+        by_lang[lang] = {"n": len(group), "hit_rate": sum(r["hit"] for r in group) / len(group)}
+    return {"n": len(rows), "k": k, "hit_rate": hits / len(rows), "by_language": by_lang, "samples": rows}
+
+
+# --- grader -------------------------------------------------------------------------------------
+
+UNGRADED = "-"
+
+
+def grader_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, Cohen's kappa, per-label P/R/F1 and the confusion matrix (scikit-learn).
+
+    Ungraded predictions count as wrong; they are outside the S..O label set.
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        cohen_kappa_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
+
+    labels = list(LABELS)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        gold, predicted, labels=labels, zero_division=0
+    )
+    return {
+        "n": len(gold),
+        "accuracy": float(accuracy_score(gold, predicted)),
+        "macro_f1": float(f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)),
+        "kappa": float(cohen_kappa_score(gold, predicted)),
+        "ungraded": sum(p == UNGRADED for p in predicted),
+        "per_label": {
+            label: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, label in enumerate(labels)
+        },
+        "labels": labels,
+        "confusion": confusion_matrix(gold, predicted, labels=labels).tolist(),
+    }
+
+
+def eval_grader(
+    grader: Grader,
+    data: Path,
+    *,
+    concurrency: int = 1,
+    on_done: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """Grade every item of a labelled set and score it against the gold labels."""
+    items = read_jsonl(data, LabelledUtterance)
+    grades = grade_many(grader, [(i.utterance, i.context) for i in items], concurrency=concurrency, on_done=on_done)
+    return score_grades(items, grades, grader.name)
+
+
+def score_grades(items: Sequence[LabelledUtterance], grades: Sequence[Grade], grader_name: str) -> dict[str, Any]:
+    predicted = [g.label or UNGRADED for g in grades]
+    gold = [i.label for i in items]
+    result = {"grader": grader_name, **grader_metrics(gold, predicted)}
+    result["by_language"] = {
+        lang: grader_metrics([gold[k] for k in idx], [predicted[k] for k in idx])
+        for lang in sorted({i.lang for i in items})
+        for idx in [[k for k, i in enumerate(items) if i.lang == lang]]
+    }
+    result["samples"] = [
+        {
+            "id": item.id,
+            "lang": item.lang,
+            "gold": item.label,
+            "predicted": grade.label,
+            "reason": grade.reason,
+            "utterance": item.utterance,
+        }
+        for item, grade in zip(items, grades, strict=True)
+    ]
+    return result
+
+
+def agreement(first: Sequence[Grade], second: Sequence[Grade]) -> dict[str, Any]:
+    """How often two graders agree, and Cohen's kappa between them."""
+    from sklearn.metrics import cohen_kappa_score
+
+    a = [g.label or UNGRADED for g in first]
+    b = [g.label or UNGRADED for g in second]
+    same = sum(x == y for x, y in zip(a, b, strict=True))
+    return {"n": len(a), "agreement": same / len(a) if a else 0.0, "kappa": float(cohen_kappa_score(a, b))}
+
+
+def grader_report_markdown(result: dict[str, Any], data: Path) -> str:
+    """A human-readable report of an eval_grader result."""
+    lines = [
+        f"# Grader eval: {result['grader']} on `{data.name}`",
+        "",
+        "| set | n | accuracy | macro-F1 | kappa | ungraded |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups = [("all", result), *result["by_language"].items()]
+    for name, metrics in groups:
+        lines.append(
+            f"| {name} | {metrics['n']} | {metrics['accuracy']:.3f} | {metrics['macro_f1']:.3f} "
+            f"| {metrics['kappa']:.3f} | {metrics['ungraded']} |"
+        )
+    lines += ["", "## Per label", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    for label, m in result["per_label"].items():
+        lines.append(f"| {label} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    lines += ["", "## Confusion matrix (rows = gold, columns = predicted)", ""]
+    lines.append("| gold \\ predicted | " + " | ".join(result["labels"]) + " |")
+    lines.append("|---" * (len(result["labels"]) + 1) + "|")
+    for label, row in zip(result["labels"], result["confusion"], strict=True):
+        lines.append(f"| **{label}** | " + " | ".join(str(v) for v in row) + " |")
+    errors = [s for s in result["samples"] if s["gold"] != s["predicted"]]
+    lines += ["", f"## Disagreements ({len(errors)})", ""]
+    for s in errors:
+        lines.append(f"- `{s['id']}` gold {s['gold']} → {s['predicted'] or 'ungraded'}: {s['utterance']}")
+    if "compare" in result:
+        c = result["compare"]
+        lines += ["", f"## Agreement with {c['other']}: {c['agreement']:.3f} (kappa {c['kappa']:.3f})"]
+    return "\n".join(lines) + "\n"
+
+
+def confusion_png(result: dict[str, Any], path: Path, title: str) -> Path:
+    """Write the confusion matrix as a PNG heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bot.charts import use_cjk_font
+
+    use_cjk_font()
+    labels = result["labels"]
+    matrix = result["confusion"]
+    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=120)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted / 预测")
+    ax.set_ylabel("gold / 标注")
+    ax.set_title(title, fontsize=9)
+    peak = max(max(row) for row in matrix) or 1
+    for r, row in enumerate(matrix):
+        for c, value in enumerate(row):
+            ax.text(c, r, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

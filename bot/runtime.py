@@ -1,0 +1,75 @@
+"""Wires the engine chosen by the settings: models per role, embeddings, index, coach."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from bot.coach import Coach
+from bot.config import Engine, Role, Settings
+from bot.grader import Grader, LLMGrader, OfflineGrader
+from bot.knowledge import KnowledgeIndex, bundled_embeddings
+from bot.llm import ChatModel, EmbeddingModel, chat_model_from_settings, embedding_model_from_settings
+
+# SPINBOT_EMBED_MODEL value that keeps the bundled embeddings on the LLM engine
+# (for providers without an embeddings endpoint, such as DeepSeek).
+BUNDLED_EMBEDDINGS = "bundled"
+
+
+@dataclass
+class Runtime:
+    """Everything a session needs, built lazily so the CLI pays only for what it uses."""
+
+    settings: Settings
+    models: dict[Role, ChatModel] = field(default_factory=dict)
+    embedding_override: EmbeddingModel | None = None
+
+    @property
+    def engine(self) -> Engine:
+        return self.settings.engine
+
+    def model(self, role: Role) -> ChatModel | None:
+        """The chat model for a role, or None on the offline engine."""
+        if role in self.models:
+            return self.models[role]
+        if self.engine == "offline":
+            return None
+        self.models[role] = chat_model_from_settings(self.settings, role)
+        return self.models[role]
+
+    @cached_property
+    def embeddings(self) -> EmbeddingModel:
+        if self.embedding_override is not None:
+            return self.embedding_override
+        if self.engine == "offline" or self.settings.spinbot_embed_model == BUNDLED_EMBEDDINGS:
+            return bundled_embeddings()
+        return embedding_model_from_settings(self.settings)
+
+    @cached_property
+    def index(self) -> KnowledgeIndex:
+        return KnowledgeIndex(self.settings, self.embeddings)
+
+    @cached_property
+    def coach(self) -> Coach:
+        return Coach(self.index, self.model("coach"))
+
+    @cached_property
+    def offline_grader(self) -> OfflineGrader:
+        # The classifier always uses the bundled embeddings: it was trained on them.
+        return OfflineGrader.load_or_train(bundled_embeddings(), self.settings.spinbot_home / "models")
+
+    def grader(self, kind: Engine | None = None) -> Grader:
+        """The grader of the engine in use, or of the kind asked for."""
+        kind = kind or self.engine
+        if kind == "offline":
+            return self.offline_grader
+        model = self.models.get("grader") or chat_model_from_settings(self.settings, "grader")
+        return LLMGrader(model)
+
+    def describe(self) -> str:
+        """One line for banners and logs: engine and models, never the key."""
+        if self.engine == "offline":
+            return "offline engine (no LLM): bundled e5 embeddings, extractive coach"
+        where = self.settings.openai_base_url or "OpenAI"
+        roles = ", ".join(f"{r} {self.settings.model_for(r)}" for r in ("buyer", "grader", "coach"))
+        return f"LLM engine at {where}: {roles}; embeddings {self.embeddings.name}"
