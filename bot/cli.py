@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import track
 from rich.table import Table
 
@@ -43,13 +44,14 @@ def _translated_errors() -> Iterator[None]:
     try:
         yield
     except BAD_INPUT as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False, markup=True, soft_wrap=True)
+        # escape(): a message may quote a path or text holding [tags] that rich would parse as markup.
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
     except LLMError as exc:
-        errors.print(f"[red]LLM error:[/red] {exc}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]LLM error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except OSError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -112,8 +114,11 @@ def retrieve(
     """Top passages for a question."""
 
     def search() -> None:
-        passages = _runtime().index.search(question, k=k)
-        payload = {"question": question, "k": k, "passages": [p.to_json() for p in passages]}
+        from bot.text import clean_message
+
+        text = clean_message(question, what="question")
+        passages = _runtime().index.search(text, k=k)
+        payload = {"question": text, "k": k, "passages": [p.to_json() for p in passages]}
         _write_json(json_out, payload)
         if json_out != "-":
             for i, p in enumerate(passages, start=1):
