@@ -16,6 +16,8 @@ from bot.tokens import fit_passages, truncate
 CONTEXT_BUDGET = 1800
 QUOTE_BUDGET = 160
 _CITATION = re.compile(r"\[(\d{1,2})\]")
+# The prompt fences data in <passages> and <question>; data must not be able to close a fence.
+_FENCE_TAG = re.compile(r"<\s*/?\s*(?:passages|question)\s*>", re.IGNORECASE)
 
 NOT_COVERED: dict[Language, str] = {
     "zh": "课程里没有讲到这个问题。",
@@ -23,7 +25,7 @@ NOT_COVERED: dict[Language, str] = {
 }
 LANGUAGE_NAMES: dict[Language, str] = {"zh": "Simplified Chinese", "en": "English"}
 # Below this cosine similarity (bundled e5) no chunk is really about the question.
-OFFLINE_MIN_SIMILARITY = 0.80
+OFFLINE_MIN_SIMILARITY = 0.85
 
 
 class Retriever(Protocol):
@@ -52,6 +54,11 @@ class CoachAnswer:
             "sources": [{"n": i, **p.to_json()} for i, p in enumerate(self.retrieved, start=1)
                         if p in self.sources],
         }
+
+
+def _defenced(text: str) -> str:
+    """Text with any <passages>/<question> tag defused, so it stays inside its block."""
+    return _FENCE_TAG.sub(lambda m: m.group(0).replace("<", "‹").replace(">", "›"), text)
 
 
 def cited_numbers(text: str) -> list[int]:
@@ -109,8 +116,8 @@ class Coach:
             language_name=LANGUAGE_NAMES[language],
             max_words=180 if language == "en" else 300,
             not_covered=NOT_COVERED[language],
-            passages="\n\n".join(kept),
-            question=question,
+            passages=_defenced("\n\n".join(kept)),
+            question=_defenced(question),
         )
 
     def _finish(self, question: str, language: Language, passages: list[Passage], text: str) -> CoachAnswer:

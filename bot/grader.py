@@ -31,7 +31,7 @@ LABELS: tuple[Label, ...] = ("S", "P", "I", "N", "O")
 TRAIN_GLOB = "spin-train-*.jsonl"
 TRAIN_DIR = EVALS_DIR / "data"
 # Bump when features or model change, so stored models are retrained.
-MODEL_VERSION = "4"
+MODEL_VERSION = "5"
 SEED = 13
 
 LABEL_NAMES: dict[Language, dict[Label, str]] = {
@@ -163,7 +163,8 @@ class LLMGrader:
 
 # --- offline grader -----------------------------------------------------------------------------
 
-_SENTENCE = re.compile(r"[^。！？!?；;\n]+[。！？!?；;\n]*")
+# A sentence ends at Chinese stops, at ! ? ; anywhere, and at an English full stop before a space.
+_SENTENCE = re.compile(r"(?:[^。！？!?；;\n.]|\.(?!\s))+(?:[。！？!?；;\n]+|\.(?=\s)|$)")
 _QUESTION_END = ("?", "？")
 
 

@@ -398,7 +398,14 @@ class KnowledgeIndex:
                     break
                 doc_id = str(self._chunks[i].id)
                 fused[doc_id] = fused.get(doc_id, 0.0) + 1.0 / (_RRF_K + rank)
-        best = sorted(fused, key=lambda i: -fused[i])[:k]
+        ranked_ids = sorted(fused, key=lambda i: -fused[i])
+        best = ranked_ids[:k]
+        # The course itself should be quoted, not only our notes about it: English questions
+        # rank the English notes first, so the best course chunk takes the last slot.
+        if k >= 3 and not any(self._is_course(i) for i in best):
+            course_ids = [i for i in ranked_ids if self._is_course(i)]
+            if course_ids:
+                best[-1] = course_ids[0]
         passages = []
         for doc_id in best:
             doc = self._by_id[doc_id]
@@ -414,6 +421,9 @@ class KnowledgeIndex:
                 )
             )
         return passages
+
+    def _is_course(self, doc_id: str) -> bool:
+        return str(self._by_id[doc_id].metadata["source"]).startswith("course/")
 
     def best_similarity(self, query: str) -> float:
         """Cosine similarity of the closest chunk: how well the knowledge covers a question."""

@@ -32,7 +32,9 @@ def truncate(text: str, budget: int) -> str:
     tokens = _encoding().encode(text, disallowed_special=())
     if len(tokens) <= budget:
         return text
-    return _encoding().decode(tokens[: max(budget, 0)])
+    # Decode bytes, not tokens: a cut inside a multi-byte character (common in Chinese) must drop the
+    # partial character, not turn it into U+FFFD.
+    return _encoding().decode_bytes(tokens[: max(budget, 0)]).decode("utf-8", errors="ignore")
 
 
 def fit_passages(passages: Sequence[str], budget: int) -> list[str]:

@@ -65,7 +65,7 @@ def build_app(runtime: Runtime) -> gr.Blocks:
                 elem_id="coach-question",
             )
             sources = gr.Markdown(elem_id="coach-sources")
-            question.submit(ask, [question, chat], [chat, question, sources])
+            question.submit(ask, [question, chat], [chat, question, sources], api_name="coach_ask")
     return app
 
 

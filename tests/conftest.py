@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from bot.config import Settings
-from bot.testing import FakeChatModel, FakeChatReply, FakeOpenAIServer, forbid_remote_network
+from bot.testing import FakeChatModel, FakeChatReply, FakeOpenAIServer, closed_port, forbid_remote_network
+
+if TYPE_CHECKING:
+    from bot.knowledge import KnowledgeIndex
 
 # Settings a developer's shell may carry; a test must never pick up a real key, URL or index server.
 _INHERITED_PREFIXES = ("OPENAI_", "SPINBOT_", "CHROMA_")
@@ -48,3 +52,73 @@ def fake_chat() -> Callable[..., FakeChatModel]:
 
 
 # ---- Fixtures for other parts of spinbot go below this line. ----
+
+
+def _clean_settings(**values: str) -> Settings:
+    """Settings built from `values` alone: no inherited OPENAI_/SPINBOT_/CHROMA_ variable, no .env file."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith(_INHERITED_PREFIXES):
+                patch.delenv(name)
+        patch.setenv("ANONYMIZED_TELEMETRY", "False")
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def knowledge_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SPINBOT_HOME whose index of the real knowledge/ (bundled e5) is built once per session.
+
+    Point SPINBOT_HOME here (monkeypatch.setenv) to use the real index without rebuilding it (~20-30 s).
+    """
+    from bot.knowledge import KnowledgeIndex, bundled_embeddings
+
+    home = tmp_path_factory.mktemp("knowledge-home")
+    KnowledgeIndex(_clean_settings(SPINBOT_HOME=str(home)), bundled_embeddings()).ensure()
+    return home
+
+
+@pytest.fixture(scope="session")
+def real_index(knowledge_home: Path) -> KnowledgeIndex:
+    """The session's KnowledgeIndex over the real knowledge/ (bundled e5), already built."""
+    from bot.knowledge import KnowledgeIndex, bundled_embeddings
+
+    index = KnowledgeIndex(_clean_settings(SPINBOT_HOME=str(knowledge_home)), bundled_embeddings())
+    assert not index.ensure().built, "the session index should have been built by knowledge_home"
+    return index
+
+
+TINY_COURSE = "课程标题：SPIN销售\n暗示问题追问难点的后果和影响。\n需求效益问题让客户说出解决方案的价值。\n"
+TINY_SECTIONS = """sections:
+  - {start: 1, end: 1, title: {zh: 课程标题, en: Course title}}
+  - {start: 2, end: 3, title: {zh: 暗示与需求效益, en: Implication and need-payoff}}
+"""
+TINY_CONCEPT_EN = """# Objections
+
+## Preventing objections
+
+Most objections are caused by the seller pitching too early, before the buyer sees the need.
+
+## Pricing
+
+A price objection often means the value was not built: ask more implication questions.
+"""
+TINY_CONCEPT_ZH = "# 信任\n\n## 信任的定义\n\n信任就是向别人暴露你的易受伤害之处。\n"
+
+
+@pytest.fixture
+def tiny_knowledge(tmp_path: Path) -> Path:
+    """A small knowledge/ folder: one course file with its section map and two concept notes (5 chunks)."""
+    root = tmp_path / "knowledge"
+    (root / "course").mkdir(parents=True)
+    (root / "concepts").mkdir()
+    (root / "course" / "mini-course-zh.txt").write_text(TINY_COURSE, encoding="utf-8")
+    (root / "course" / "sections.yaml").write_text(TINY_SECTIONS, encoding="utf-8")
+    (root / "concepts" / "objections.en.md").write_text(TINY_CONCEPT_EN, encoding="utf-8")
+    (root / "concepts" / "trust.zh.md").write_text(TINY_CONCEPT_ZH, encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A 127.0.0.1 port that was free a moment ago."""
+    return closed_port()
