@@ -254,3 +254,38 @@ def test_grade_cli_llm_engine(fake_server: FakeOpenAIServer, monkeypatch: pytest
     payload = json.loads(result.stdout)
     assert payload["label"] == "N" and payload["grader"] == "llm:gpt-4o-mini"
     assert "sk-test-cli" not in result.output
+
+
+def test_eval_grader_compare_offline_and_llm(
+    fake_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-compare")
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_server.base_url)
+    monkeypatch.setenv("SPINBOT_CONCURRENCY", "3")
+    fake_server.chat_handler = lambda body: json.dumps({"label": "S", "reason": "facts"})
+    data = tmp_path / "tiny.jsonl"
+    rows = [
+        ("How many sites do you run?", "S"),
+        ("Which ERP do you use today?", "S"),
+        ("您也喜欢钓鱼吗？", "O"),
+        ("Would you like to book a demo next week?", "O"),
+    ]
+    data.write_text(
+        "\n".join(
+            json.dumps({"id": f"c{i}", "lang": "zh" if "钓" in u else "en", "context": "", "utterance": u, "label": g})
+            for i, (u, g) in enumerate(rows)
+        ),
+        encoding="utf-8",
+    )
+    out = tmp_path / "cmp.json"
+    result = CliRunner().invoke(
+        app, ["eval", "grader", "--data", str(data), "--compare", "offline,llm", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text(encoding="utf-8"))
+    offline_labels = [s["predicted"] for s in payload["samples"]]
+    expected = sum(label == "S" for label in offline_labels) / len(rows)
+    assert payload["compare"]["other"] == "llm"
+    assert payload["compare"]["agreement"] == pytest.approx(expected)
+    assert payload["compare"]["other_metrics"]["accuracy"] == pytest.approx(0.5)
+    assert len(fake_server.chat_requests()) == len(rows)
