@@ -270,15 +270,15 @@ def eval_grader_cmd(
             raise InputError("--compare takes two graders, e.g. offline,llm")
         items = read_jsonl(data, LabelledUtterance)
         pairs = [(i.utterance, i.context) for i in items]
+        graders = [runtime.grader(kind) for kind in kinds]
         all_grades = []
-        for kind in kinds:
-            chosen = runtime.grader(kind)
+        for kind, chosen in zip(kinds, graders, strict=True):
             concurrency = runtime.settings.spinbot_concurrency if kind == "llm" else 1
             with Progress(console=errors, transient=True) as progress:
                 task = progress.add_task(f"grading with {chosen.name}", total=len(pairs))
                 advance = functools.partial(progress.advance, task)
                 all_grades.append(grade_many(chosen, pairs, concurrency=concurrency, on_done=advance))
-        result = score_grades(items, all_grades[0], runtime.grader(kinds[0]).name)
+        result = score_grades(items, all_grades[0], graders[0].name)
         if len(kinds) == 2:
             result["compare"] = {"other": kinds[1], **agreement(all_grades[0], all_grades[1])}
             result["compare"]["other_metrics"] = {
