@@ -22,7 +22,9 @@ from bot.knowledge import KnowledgeError
 from bot.llm import LLMError
 from bot.prompts import PromptError
 from bot.runtime import Runtime
+from bot.scenarios import ScenarioError
 from bot.text import InputError
+from bot.transcripts import TranscriptError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="spinbot: a SPIN Selling practice gym.")
 eval_app = typer.Typer(no_args_is_help=True, help="Offline evaluations over labelled sets and saved calls.")
@@ -34,7 +36,7 @@ errors = Console(stderr=True)
 JsonOption = Annotated[
     str | None, typer.Option("--json", help="Write JSON to this file ('-' for stdout).", metavar="F")
 ]
-BAD_INPUT = (ConfigError, InputError, DataError, KnowledgeError, PromptError)
+BAD_INPUT = (ConfigError, InputError, DataError, KnowledgeError, PromptError, ScenarioError, TranscriptError)
 T = TypeVar("T")
 
 
@@ -296,6 +298,171 @@ def eval_grader_cmd(
                 c = result["compare"]
                 console.print(f"agreement with {c['other']}: {c['agreement']:.3f} (kappa {c['kappa']:.3f})")
             console.print(f"report: {folder / (stem + '.md')}", highlight=False)
+
+    _run(run)
+
+
+scenarios_app = typer.Typer(no_args_is_help=True, help="Scenario cards for the role-play.")
+app.add_typer(scenarios_app, name="scenarios")
+
+
+@scenarios_app.command("list")
+def scenarios_list(json_out: JsonOption = None) -> None:
+    """The built-in scenario cards."""
+
+    def run() -> None:
+        from bot import scenarios
+
+        cards = [s.summary() for s in scenarios.builtin()]
+        _write_json(json_out, cards)
+        if json_out != "-":
+            table = Table("id", "title", "value type", "sales type", "difficulty")
+            for c in cards:
+                table.add_row(c["id"], f"{c['title_zh']} / {c['title']}", c["value_type"], c["sales_type"],
+                              c["difficulty"])
+            console.print(table)
+
+    _run(run)
+
+
+@scenarios_app.command("validate")
+def scenarios_validate(
+    path: Annotated[Path | None, typer.Argument(help="A card or a folder of cards.")] = None,
+) -> None:
+    """Check scenario cards against the schema; errors name the file and field."""
+
+    def run() -> None:
+        from bot import scenarios
+
+        cards = scenarios.load_all(path or scenarios.SCENARIOS_DIR)
+        console.print(f"{len(cards)} card(s) valid: {', '.join(c.id for c in cards)}", highlight=False)
+
+    _run(run)
+
+
+@app.command()
+def chat(
+    scenario: Annotated[str, typer.Option("--scenario", help="Scenario id (see `scenarios list`).")],
+    lang: Annotated[str, typer.Option("--lang", help="zh or en.")] = "zh",
+    script: Annotated[Path | None, typer.Option("--script", help="Replay one rep line per line.")] = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Play a call in the terminal, or replay a script; every turn is saved as it happens."""
+
+    def run() -> None:
+        from bot import debrief
+        from bot.session import TurnResult
+        from bot.text import clean_message
+
+        if lang not in ("zh", "en"):
+            raise InputError(f"--lang must be zh or en, not {lang!r}")
+        lines: list[str] | None = None
+        if script is not None:
+            try:
+                raw = script.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise InputError(f"{script}: cannot read the script ({exc})") from None
+            lines = []
+            for number, line in enumerate(raw, start=1):
+                if line.strip():
+                    try:
+                        lines.append(clean_message(line))
+                    except InputError as exc:
+                        raise InputError(f"{script}:{number}: {exc}") from None
+        runtime = _runtime()
+        session = runtime.new_session(scenario, lang)  # type: ignore[arg-type]
+        quiet = json_out == "-"
+        if not quiet:
+            console.print(f"[dim]{runtime.describe()}[/dim]", highlight=False)
+            console.print(f"[bold]{session.card.buyer.name(session.language)}[/bold]: {session.opening}",
+                          highlight=False)
+        source = iter(lines) if lines is not None else _prompt_lines()
+        for text in source:
+            if not quiet and lines is not None:
+                console.print(f"[cyan]you[/cyan]: {text}", highlight=False)
+            try:
+                parts = session.play_stream(text)
+                for part in parts:
+                    if isinstance(part, TurnResult):
+                        _print_turn(part, quiet)
+                    elif not quiet:
+                        console.print(part, end="", highlight=False, markup=False)
+            except InputError as exc:
+                if lines is not None:
+                    raise
+                errors.print(f"[red]{exc}[/red]")
+                continue
+            if session.state.ended:
+                break
+        state = session.end()
+        report = debrief.build(session.card, _turns(session), session.language, outcome=state.outcome)
+        coach_model = runtime.model("coach")
+        if coach_model is not None:
+            report = debrief.with_llm(report, session.card, _turns(session), coach_model)
+        payload = {
+            "header": session.header.model_dump(),
+            "transcript": str(session.transcript_path),
+            "turns": [r.to_json() for r in session.results],
+            "outcome": state.outcome,
+            "debrief": report.to_json(),
+        }
+        _write_json(json_out, payload)
+        if not quiet:
+            console.print()
+            console.print(debrief.markdown(report), highlight=False, markup=False)
+            console.print(f"[dim]saved: {session.transcript_path}[/dim]", highlight=False)
+
+    _run(run)
+
+
+def _prompt_lines() -> Iterator[str]:
+    while True:
+        try:
+            text = console.input("[cyan]you[/cyan]: ")
+        except (EOFError, KeyboardInterrupt):
+            return
+        if text.strip() in ("/end", "/quit"):
+            return
+        yield text
+
+
+def _print_turn(result: Any, quiet: bool) -> None:
+    if quiet:
+        return
+    console.print()
+    label = result.grade.label or "?"
+    console.print(f"[dim]  [{label}] {result.grade.reason}  trust {result.state.trust:.2f}[/dim]", highlight=False)
+    if result.notice:
+        errors.print(f"[yellow]{result.notice}[/yellow]", highlight=False)
+
+
+def _turns(session: Any) -> list[Any]:
+    from bot.transcripts import Turn
+
+    return [Turn.model_validate({k: v for k, v in r.to_json().items()}) for r in session.results]
+
+
+@eval_app.command("transcripts")
+def eval_transcripts_cmd(
+    target: Annotated[Path, typer.Argument(help="A transcript file or a folder of them.")],
+    json_out: JsonOption = None,
+) -> None:
+    """Per-call SPIN mix, needs uncovered and outcome, with totals."""
+
+    def run() -> None:
+        from bot.evaluation import eval_transcripts
+
+        result = eval_transcripts(target)
+        _write_json(json_out, result)
+        if json_out != "-":
+            table = Table("call", "scenario", "turns", "S", "P", "I", "N", "O", "implied", "explicit", "outcome")
+            for c in result["calls"]:
+                table.add_row(Path(c["path"]).name, c["scenario"], str(c["turns"]),
+                              *[str(c["counts"][k]) for k in "SPINO"],
+                              str(c["implied_needs"]), str(c["explicit_needs"]), c["outcome"])
+            console.print(table)
+            t = result["totals"]
+            console.print(f"calls {result['n']}, turns {t['turns']}, outcomes {t['outcomes']}", highlight=False)
 
     _run(run)
 

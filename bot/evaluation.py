@@ -204,3 +204,50 @@ def confusion_png(result: dict[str, Any], path: Path, title: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# --- transcripts ----------------------------------------------------------------------------------
+
+
+def eval_transcripts(target: Path) -> dict[str, Any]:
+    """Per-call SPIN mix, needs uncovered and outcome, with totals, for one file or a folder."""
+    from bot import debrief, scenarios
+    from bot.transcripts import load_many
+
+    calls = []
+    totals: dict[str, int] = dict.fromkeys(LABELS, 0)
+    outcomes: dict[str, int] = {}
+    for transcript in load_many(target):
+        card = scenarios.get(transcript.header.scenario)
+        d = debrief.build(card, transcript.turns, transcript.header.language)
+        for label, count in d.counts.items():
+            totals[label] += count
+        outcomes[d.outcome] = outcomes.get(d.outcome, 0) + 1
+        calls.append(
+            {
+                "path": transcript.path,
+                "scenario": card.id,
+                "engine": transcript.header.engine,
+                "language": transcript.header.language,
+                "turns": d.turns,
+                "counts": d.counts,
+                "mix": d.mix,
+                "implied_needs": len(d.implied),
+                "explicit_needs": len(d.explicit),
+                "premature_pitches": d.premature_pitches,
+                "outcome": d.outcome,
+            }
+        )
+    asked = sum(totals.values()) or 1
+    return {
+        "n": len(calls),
+        "calls": calls,
+        "totals": {
+            "turns": sum(c["turns"] for c in calls),
+            "counts": totals,
+            "mix": {k: round(v / asked, 3) for k, v in totals.items()},
+            "implied_needs": sum(c["implied_needs"] for c in calls),
+            "explicit_needs": sum(c["explicit_needs"] for c in calls),
+            "outcomes": outcomes,
+        },
+    }

@@ -5,11 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from bot import scenarios
+from bot.buyer import Buyer, LLMBuyer, OfflineBuyer
 from bot.coach import Coach
 from bot.config import Engine, Role, Settings
 from bot.grader import Grader, LLMGrader, OfflineGrader
 from bot.knowledge import KnowledgeIndex, bundled_embeddings
 from bot.llm import ChatModel, EmbeddingModel, chat_model_from_settings, embedding_model_from_settings
+from bot.roleplay import Analyzer
+from bot.scenarios import Scenario
+from bot.session import PracticeSession
+from bot.text import Language
+from bot.transcripts import new_path
 
 # SPINBOT_EMBED_MODEL value that keeps the bundled embeddings on the LLM engine
 # (for providers without an embeddings endpoint, such as DeepSeek).
@@ -65,6 +72,35 @@ class Runtime:
             return self.offline_grader
         model = self.models.get("grader") or chat_model_from_settings(self.settings, "grader")
         return LLMGrader(model)
+
+    @cached_property
+    def _analyzers(self) -> dict[str, Analyzer]:
+        return {}
+
+    def analyzer(self, card: Scenario) -> Analyzer:
+        """Topic matching for a card. Always the bundled e5: the thresholds are set for it, and
+        both engines then make the same state transitions."""
+        if card.id not in self._analyzers:
+            self._analyzers[card.id] = Analyzer(card, bundled_embeddings())
+        return self._analyzers[card.id]
+
+    def buyer(self) -> Buyer:
+        model = self.model("buyer")
+        return OfflineBuyer() if model is None else LLMBuyer(model, self.index)
+
+    def model_names(self) -> str:
+        if self.engine == "offline":
+            return "offline"
+        return ", ".join(f"{r}={self.settings.model_for(r)}" for r in ("buyer", "grader", "coach"))
+
+    def new_session(self, scenario_id: str, language: Language, *, save: bool = True) -> PracticeSession:
+        """A practice call; its transcript goes under SPINBOT_HOME/transcripts."""
+        card = scenarios.get(scenario_id)
+        path = new_path(self.settings.transcripts_dir, card.id) if save else None
+        return PracticeSession(
+            card, language, grader=self.grader(), buyer=self.buyer(), analyzer=self.analyzer(card),
+            transcript=path, engine=self.engine, model=self.model_names(),
+        )
 
     def describe(self) -> str:
         """One line for banners and logs: engine and models, never the key."""

@@ -1,0 +1,145 @@
+"""One practice call: grade each rep line, step the state machine, let the buyer speak, save the turn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bot import roleplay
+from bot.buyer import Buyer, BuyerTurn
+from bot.grader import Grade, Grader
+from bot.llm import LLMError
+from bot.roleplay import Analyzer, CallState, Reaction
+from bot.scenarios import Scenario
+from bot.text import InputError, Language, clean_message
+from bot.transcripts import TranscriptWriter, Turn, header_now
+
+BUYER_FALLBACK_NOTICE = {
+    "zh": "大模型这次没有回应（{error}）。买方的回答取自场景卡片，你可以继续对话。",
+    "en": "The LLM did not answer this time ({error}). The buyer's reply comes from the scenario card; go on.",
+}
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    turn: int
+    rep: str
+    grade: Grade
+    buyer: str
+    state: CallState
+    reaction: Reaction
+    notice: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.state.ended
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "turn": self.turn,
+            "rep": self.rep,
+            "label": self.grade.label,
+            "reason": self.grade.reason,
+            "better_question": self.grade.better_question,
+            "buyer": self.buyer,
+            "state": self.state.to_json(),
+            "reaction": self.reaction.to_json(),
+            "notice": self.notice,
+        }
+
+
+class PracticeSession:
+    """A call against one scenario card; every completed turn is on disk before it is returned."""
+
+    def __init__(
+        self,
+        card: Scenario,
+        language: Language,
+        *,
+        grader: Grader,
+        buyer: Buyer,
+        analyzer: Analyzer,
+        transcript: Path | None,
+        engine: str,
+        model: str,
+    ) -> None:
+        self.card = card
+        self.language = language
+        self._grader = grader
+        self._buyer = buyer
+        self._analyzer = analyzer
+        self.state = roleplay.start(card)
+        self.history: list[tuple[str, str]] = []
+        self.results: list[TurnResult] = []
+        self.opening = card.opening(language)
+        self.header = header_now(card.id, engine, model, language)
+        self._writer = TranscriptWriter(transcript, self.header) if transcript is not None else None
+
+    @property
+    def transcript_path(self) -> Path | None:
+        return self._writer.path if self._writer is not None else None
+
+    def play(self, rep_text: str) -> TurnResult:
+        """One whole turn, without streaming."""
+        result = None
+        for part in self.play_stream(rep_text):
+            if isinstance(part, TurnResult):
+                result = part
+        assert result is not None
+        return result
+
+    def play_stream(self, rep_text: str) -> Iterator[str | TurnResult]:
+        """Yield the buyer's reply as it is spoken (LLM engine), then the saved TurnResult."""
+        if self.state.ended:
+            raise InputError("the call has ended: start a new call to practise again")
+        text = clean_message(rep_text)
+        context = f"buyer: {self.history[-1][1]}" if self.history else f"buyer: {self.opening}"
+        # The grade is the slow part on the LLM engine; topic matching runs beside it.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._grader.grade, text, context)
+            analysis = self._analyzer.analyse(text)
+            grade = pending.result()
+        state, reaction = roleplay.step(self.card, self.state, grade.label, analysis)
+        state, planned = roleplay.speak(self.card, state, reaction, self.language)
+        turn = BuyerTurn(self.card, state, reaction, planned, text, tuple(self.history), self.language)
+        notice = None if grade.graded else grade.reason
+        parts: list[str] = []
+        try:
+            for delta in self._buyer.reply(turn):
+                parts.append(delta)
+                if self._buyer.streams:
+                    yield delta
+        except LLMError as exc:
+            notice = BUYER_FALLBACK_NOTICE[self.language].format(error=exc)
+            parts = [planned]
+        buyer_text = "".join(parts).strip() or planned
+        result = TurnResult(state.turn, text, grade, buyer_text, state, reaction, notice)
+        if self._writer is not None:
+            self._writer.append(
+                Turn(
+                    turn=result.turn, rep=text, label=grade.label, reason=grade.reason,
+                    better_question=grade.better_question, buyer=buyer_text, state=state.to_json(),
+                    reaction=reaction.to_json(), notice=notice,
+                )
+            )
+        self.state = state
+        self.history.append((text, buyer_text))
+        self.results.append(result)
+        if not self._buyer.streams:
+            yield buyer_text
+        yield result
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def end(self) -> CallState:
+        """End the call where it stands (no commitment asked): a Continuation at best."""
+        if not self.state.ended:
+            outcome: roleplay.Outcome = "Continuation" if self.state.explicit or self.state.implied else "No-sale"
+            self.state = replace(self.state, outcome=outcome)
+        self.close()
+        return self.state
+

@@ -1,0 +1,135 @@
+"""Saved calls: JSON Lines, a header line then one line per turn, each flushed to disk when written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FORMAT = "spinbot-transcript/1"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class TranscriptError(ValueError):
+    """A transcript is unreadable or malformed; the message names the file and line."""
+
+
+class Header(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["header"] = "header"
+    format: str = FORMAT
+    scenario: str
+    engine: str
+    model: str
+    language: Literal["zh", "en"]
+    started: str
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: Literal["turn"] = "turn"
+    turn: int = Field(ge=1)
+    rep: str
+    label: str | None
+    reason: str = ""
+    better_question: str | None = None
+    buyer: str
+    state: dict[str, Any]
+    reaction: dict[str, Any] = Field(default_factory=dict)
+    notice: str | None = None
+
+
+class Transcript(BaseModel):
+    header: Header
+    turns: list[Turn]
+    path: str | None = None
+
+
+def new_path(directory: Path, scenario_id: str) -> Path:
+    """A fresh file name in directory that no earlier call uses."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    name = _SAFE_NAME.sub("-", f"{stamp}-{scenario_id}")[:120]
+    return directory / f"{name}.jsonl"
+
+
+class TranscriptWriter:
+    """Appends one line per turn and makes it durable (flush + fsync) before returning."""
+
+    def __init__(self, path: Path, header: Header) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # "x": never overwrite a saved call.
+        self._file = path.open("x", encoding="utf-8")
+        self.path = path
+        self._write(header.model_dump())
+
+    def append(self, turn: Turn) -> None:
+        self._write(turn.model_dump())
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def header_now(scenario: str, engine: str, model: str, language: Literal["zh", "en"]) -> Header:
+    return Header(
+        scenario=scenario, engine=engine, model=model, language=language,
+        started=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+
+
+def load(path: Path) -> Transcript:
+    """A saved call; a torn last line (the process died mid-write) is ignored, any other error named."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TranscriptError(f"{path}: cannot read ({exc})") from None
+    if not lines or not lines[0].strip():
+        raise TranscriptError(f"{path}:1: empty transcript (no header line)")
+    records: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise TranscriptError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+    try:
+        header = Header.model_validate(records[0])
+    except ValidationError as exc:
+        raise TranscriptError(f"{path}:1: header: {_first(exc)}") from None
+    turns = []
+    for number, record in enumerate(records[1:], start=2):
+        try:
+            turns.append(Turn.model_validate(record))
+        except ValidationError as exc:
+            raise TranscriptError(f"{path}:{number}: {_first(exc)}") from None
+    return Transcript(header=header, turns=turns, path=str(path))
+
+
+def load_many(target: Path) -> list[Transcript]:
+    """One file, or every *.jsonl in a folder (sorted)."""
+    if target.is_dir():
+        paths = sorted(target.glob("*.jsonl"))
+        if not paths:
+            raise TranscriptError(f"{target}: no transcripts (*.jsonl)")
+        return [load(p) for p in paths]
+    if not target.exists():
+        raise TranscriptError(f"{target}: no such file or folder")
+    return [load(target)]
+
+
+def _first(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else str(err["msg"])
