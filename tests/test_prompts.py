@@ -29,6 +29,31 @@ SAMPLE_VALUES: dict[str, dict[str, object]] = {
         "reason_language": "English",
         "utterance": "How does a wrong stock count affect your delivery times?",
     },
+    "buyer": {
+        "buyer_name": "Manager Zhou",
+        "buyer_role": "Head of warehouse operations",
+        "industry": "third-party logistics",
+        "personality": "practical, dislikes hassle",
+        "background": "ex-army, fishes at weekends",
+        "decision_role": "influencer",
+        "value_type": "an extrinsic-value customer",
+        "seller": "You sell pick-to-light systems.",
+        "disclosed": "- Two warehouses, about eighty people.",
+        "trust": "moderate: polite and businesslike",
+        "concepts": "外在价值型客户: 更大的蛋糕",
+        "instruction": "admit this difficulty, a little reluctantly.",
+        "convey": "The sheet often doesn't match the shelves.",
+        "language_name": "English",
+        "history": "Rep: How many people work here?\nYou: About eighty.",
+        "rep_message": "Are your stock counts ever off?",
+    },
+    "debrief": {
+        "language_name": "English",
+        "scenario": "Warehouse lead (consultative sale, extrinsic value customer)",
+        "figures": '{"counts": {"S": 3, "P": 1}}',
+        "weakest": "2, 4",
+        "transcript": "1. [S] Rep: How many sites?\n   Buyer: Two.",
+    },
 }
 
 
