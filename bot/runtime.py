@@ -100,6 +100,7 @@ class Runtime:
         return PracticeSession(
             card, language, grader=self.grader(), buyer=self.buyer(), analyzer=self.analyzer(card),
             transcript=path, engine=self.engine, model=self.model_names(),
+            predictor=self.offline_grader if self.engine == "llm" else None,
         )
 
     def describe(self) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -64,12 +66,15 @@ class PracticeSession:
         transcript: Path | None,
         engine: str,
         model: str,
+        predictor: Grader | None = None,
     ) -> None:
         self.card = card
         self.language = language
         self._grader = grader
         self._buyer = buyer
         self._analyzer = analyzer
+        self._predictor = predictor
+        self.speculated = False
         self.state = roleplay.start(card)
         self.history: list[tuple[str, str]] = []
         self.results: list[TurnResult] = []
@@ -96,18 +101,28 @@ class PracticeSession:
             raise InputError("the call has ended: start a new call to practise again")
         text = clean_message(rep_text)
         context = f"buyer: {self.history[-1][1]}" if self.history else f"buyer: {self.opening}"
-        # The grade is the slow part on the LLM engine; topic matching runs beside it.
+        # The grade is the slow part on the LLM engine; topic matching runs beside it, and the
+        # buyer starts speaking on the predictor's label, kept only if the grader agrees.
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(self._grader.grade, text, context)
             analysis = self._analyzer.analyse(text)
+            guess: tuple[str | None, BuyerTurn, _Prefetch] | None = None
+            if self._predictor is not None and self._buyer.streams:
+                label = self._predictor.grade(text, context).label
+                planned_turn = self._plan(label, analysis, text)
+                guess = (label, planned_turn, _Prefetch(self._buyer.reply, planned_turn))
             grade = pending.result()
-        state, reaction = roleplay.step(self.card, self.state, grade.label, analysis)
-        state, planned = roleplay.speak(self.card, state, reaction, self.language)
-        turn = BuyerTurn(self.card, state, reaction, planned, text, tuple(self.history), self.language)
+        if guess is not None and guess[0] == grade.label:
+            turn, replies = guess[1], guess[2].items()
+        else:
+            turn = self._plan(grade.label, analysis, text)
+            replies = self._buyer.reply(turn)
+        self.speculated = guess is not None and guess[0] == grade.label
+        state, reaction, planned = turn.state, turn.reaction, turn.planned
         notice = None if grade.graded else grade.reason
         parts: list[str] = []
         try:
-            for delta in self._buyer.reply(turn):
+            for delta in replies:
                 parts.append(delta)
                 if self._buyer.streams:
                     yield delta
@@ -131,6 +146,11 @@ class PracticeSession:
             yield buyer_text
         yield result
 
+    def _plan(self, label: str | None, analysis: roleplay.Analysis, text: str) -> BuyerTurn:
+        state, reaction = roleplay.step(self.card, self.state, label, analysis)
+        state, planned = roleplay.speak(self.card, state, reaction, self.language)
+        return BuyerTurn(self.card, state, reaction, planned, text, tuple(self.history), self.language)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -143,3 +163,29 @@ class PracticeSession:
         self.close()
         return self.state
 
+
+class _Prefetch:
+    """Runs a reply stream in a daemon thread from now on; items() replays it in order.
+
+    A daemon thread, not a pool worker: a discarded guess must not hold up the turn.
+    """
+
+    _DONE = object()
+
+    def __init__(self, reply: Callable[[BuyerTurn], Iterator[str]], turn: BuyerTurn) -> None:
+        self._queue: queue.Queue[object] = queue.Queue()
+        threading.Thread(target=self._run, args=(reply, turn), daemon=True).start()
+
+    def _run(self, reply: Callable[[BuyerTurn], Iterator[str]], turn: BuyerTurn) -> None:
+        try:
+            for delta in reply(turn):
+                self._queue.put(delta)
+        except BaseException as exc:  # handed to the consumer, which decides
+            self._queue.put(exc)
+        self._queue.put(self._DONE)
+
+    def items(self) -> Iterator[str]:
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield str(item)
