@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: run test lint bench index setup system-deps clean
+.PHONY: run test lint index setup system-deps clean
 
 run: setup index
 	$(BIN)/spinbot ui --host $(HOST) --port $(PORT)
@@ -22,9 +22,6 @@ test: setup system-deps index
 lint: setup
 	$(BIN)/ruff check bot tests
 	$(BIN)/mypy bot
-
-bench: setup index
-	$(BIN)/python -m evals.bench
 
 setup: $(STAMP)
 
