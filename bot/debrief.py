@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from bot import prompts
 from bot.grader import LABEL_NAMES, LABELS, Grader
 from bot.llm import ChatModel, LLMError
-from bot.roleplay import CallState
+from bot.roleplay import CallState, unfinished_outcome
 from bot.scenarios import Scenario
 from bot.text import Language
 from bot.transcripts import Turn
@@ -104,7 +104,7 @@ def build(
         explicit=[card.problem(p).topic(language) for p in (final.explicit if final else ())],
         premature_pitches=final.premature_pitches if final else 0,
         objections=final.objections if final else 0,
-        outcome=outcome or (final.outcome if final and final.outcome else "Continuation"),
+        outcome=outcome or (final.outcome or unfinished_outcome(final) if final else "No-sale"),
     )
     debrief.pattern = _pattern(card, debrief, language)
     debrief.rewrites = _rewrites(card, turns, language, grader)

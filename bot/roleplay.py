@@ -223,10 +223,16 @@ class CallState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CallState:
-        values = dict(data)
+        known = cls.__dataclass_fields__
+        values = {k: v for k, v in data.items() if k in known}
         for key in ("facts", "implied", "explicit"):
             values[key] = tuple(values.get(key, ()))
         return cls(**values)
+
+
+def unfinished_outcome(state: CallState) -> Outcome:
+    """How a call ends when the rep stops without asking for commitment."""
+    return "Continuation" if state.explicit or state.implied else "No-sale"
 
 
 def start(card: Scenario) -> CallState:

@@ -158,8 +158,7 @@ class PracticeSession:
     def end(self) -> CallState:
         """End the call where it stands (no commitment asked): a Continuation at best."""
         if not self.state.ended:
-            outcome: roleplay.Outcome = "Continuation" if self.state.explicit or self.state.implied else "No-sale"
-            self.state = replace(self.state, outcome=outcome)
+            self.state = replace(self.state, outcome=roleplay.unfinished_outcome(self.state))
         self.close()
         return self.state
 
