@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from langchain_core.messages import AIMessage, HumanMessage
 
@@ -14,9 +14,13 @@ from bot.llm import ChatModel
 from bot.roleplay import CallState, Reaction
 from bot.scenarios import Scenario
 from bot.text import Language
-from bot.tokens import fit_passages, trim_history
+from bot.tokens import count_message_tokens, fit_passages, trim_history
 
 HISTORY_BUDGET = 700
+# The whole rendered prompt stays within this; late in a call the disclosures grow, so the history
+# (which repeats them anyway) gets what is left, down to MIN_HISTORY_BUDGET.
+PROMPT_BUDGET = 1900
+MIN_HISTORY_BUDGET = 150
 CONCEPT_BUDGET = 350
 LANGUAGE_NAMES: dict[Language, str] = {"zh": "Simplified Chinese", "en": "English"}
 VALUE_TYPES = {
@@ -100,28 +104,28 @@ class LLMBuyer:
         history = []
         for rep, buyer in turn.history:
             history += [HumanMessage(f"Rep: {rep}"), AIMessage(f"You: {buyer}")]
-        kept = trim_history(history, HISTORY_BUDGET)
-        return list(
-            prompts.render(
-                "buyer",
-                buyer_name=card.buyer.name(language),
-                buyer_role=card.buyer.role(language),
-                industry=card.industry(language),
-                personality=card.buyer.personality(language),
-                background=card.buyer.background(language),
-                decision_role=card.buyer.decision_role.replace("_", " "),
-                value_type=VALUE_TYPES[card.value_type],
-                seller=card.seller(language),
-                disclosed=disclosed(card, turn.state, language) or "(nothing yet)",
-                trust=trust_words(turn.state.trust),
-                concepts=self._course_notes(card),
-                instruction=INSTRUCTIONS[turn.reaction.kind],
-                convey=turn.planned,
-                language_name=LANGUAGE_NAMES[language],
-                history="\n".join(m.text for m in kept) or "(the call has just started)",
-                rep_message=turn.rep_text,
-            )
+        values: dict[str, Any] = dict(
+            buyer_name=card.buyer.name(language),
+            buyer_role=card.buyer.role(language),
+            industry=card.industry(language),
+            personality=card.buyer.personality(language),
+            background=card.buyer.background(language),
+            decision_role=card.buyer.decision_role.replace("_", " "),
+            value_type=VALUE_TYPES[card.value_type],
+            seller=card.seller(language),
+            disclosed=disclosed(card, turn.state, language) or "(nothing yet)",
+            trust=trust_words(turn.state.trust),
+            concepts=self._course_notes(card),
+            instruction=INSTRUCTIONS[turn.reaction.kind],
+            convey=turn.planned,
+            language_name=LANGUAGE_NAMES[language],
+            rep_message=turn.rep_text,
         )
+        rest = count_message_tokens(prompts.render("buyer", history="", **values))
+        budget = max(MIN_HISTORY_BUDGET, min(HISTORY_BUDGET, PROMPT_BUDGET - rest))
+        kept = trim_history(history, budget)
+        text = "\n".join(m.text for m in kept) or "(the call has just started)"
+        return list(prompts.render("buyer", history=text, **values))
 
     def reply(self, turn: BuyerTurn) -> Iterator[str]:
         yield from self._model.stream(self.messages(turn), temperature=0.7)  # type: ignore[arg-type]

@@ -359,7 +359,9 @@ def chat(
         lines: list[str] | None = None
         if script is not None:
             try:
-                raw = script.read_text(encoding="utf-8").splitlines()
+                # "\n" only: splitlines() also breaks at control characters such as \x0c or \x1c,
+                # and the line numbers in error messages would no longer match the file.
+                raw = script.read_text(encoding="utf-8").split("\n")
             except (OSError, UnicodeDecodeError) as exc:
                 raise InputError(f"{script}: cannot read the script ({exc})") from None
             lines = []

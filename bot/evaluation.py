@@ -212,13 +212,16 @@ def confusion_png(result: dict[str, Any], path: Path, title: str) -> Path:
 def eval_transcripts(target: Path) -> dict[str, Any]:
     """Per-call SPIN mix, needs uncovered and outcome, with totals, for one file or a folder."""
     from bot import debrief, scenarios
-    from bot.transcripts import load_many
+    from bot.transcripts import TranscriptError, load_many
 
     calls = []
     totals: dict[str, int] = dict.fromkeys(LABELS, 0)
     outcomes: dict[str, int] = {}
     for transcript in load_many(target):
-        card = scenarios.get(transcript.header.scenario)
+        try:
+            card = scenarios.get(transcript.header.scenario)
+        except scenarios.ScenarioError as exc:
+            raise TranscriptError(f"{transcript.path}:1: header: {exc}") from None
         d = debrief.build(card, transcript.turns, transcript.header.language)
         for label, count in d.counts.items():
             totals[label] += count

@@ -89,27 +89,31 @@ def header_now(scenario: str, engine: str, model: str, language: Literal["zh", "
 def load(path: Path) -> Transcript:
     """A saved call; a torn last line (the process died mid-write) is ignored, any other error named."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Split on "\n" only: the writer ends lines with it, and str.splitlines() would also split
+        # inside a text holding U+2028, U+2029 or U+0085 (json.dumps leaves them unescaped).
+        lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise TranscriptError(f"{path}: cannot read ({exc})") from None
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines or not lines[0].strip():
         raise TranscriptError(f"{path}:1: empty transcript (no header line)")
-    records: list[dict[str, Any]] = []
+    records: list[tuple[int, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            if number == len(lines):
+            if number == len(lines) and number > 1:
                 break
             raise TranscriptError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
     try:
-        header = Header.model_validate(records[0])
+        header = Header.model_validate(records[0][1])
     except ValidationError as exc:
         raise TranscriptError(f"{path}:1: header: {_first(exc)}") from None
     turns = []
-    for number, record in enumerate(records[1:], start=2):
+    for number, record in records[1:]:
         try:
             turns.append(Turn.model_validate(record))
         except ValidationError as exc:

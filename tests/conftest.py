@@ -122,3 +122,119 @@ def tiny_knowledge(tmp_path: Path) -> Path:
 def free_port() -> int:
     """A 127.0.0.1 port that was free a moment ago."""
     return closed_port()
+
+
+# ---- Role-play fixtures: the trained offline grader, e5 analyzers per card, practice sessions. ----
+
+if TYPE_CHECKING:
+    from bot.buyer import Buyer
+    from bot.grader import OfflineGrader
+    from bot.roleplay import Analyzer
+    from bot.scenarios import Scenario
+    from bot.session import PracticeSession
+
+
+@pytest.fixture(scope="session")
+def offline_grader(tmp_path_factory: pytest.TempPathFactory) -> OfflineGrader:
+    """The real offline grader (bundled e5), trained once per session into a temporary store (~20 s)."""
+    from bot.grader import OfflineGrader
+    from bot.knowledge import bundled_embeddings
+
+    return OfflineGrader.load_or_train(bundled_embeddings(), tmp_path_factory.mktemp("grader-store"))
+
+
+@pytest.fixture(scope="session")
+def card_analyzer() -> Callable[[Scenario], Analyzer]:
+    """Factory: the real Analyzer (bundled e5) for a card, built once per card per session."""
+    from bot.knowledge import bundled_embeddings
+    from bot.roleplay import Analyzer
+
+    built: dict[str, Analyzer] = {}
+
+    def make(card: Scenario) -> Analyzer:
+        if card.id not in built:
+            built[card.id] = Analyzer(card, bundled_embeddings())
+        return built[card.id]
+
+    return make
+
+
+@pytest.fixture
+def practice(
+    offline_grader: OfflineGrader, card_analyzer: Callable[[Scenario], Analyzer]
+) -> Callable[..., PracticeSession]:
+    """Factory: `practice("warehouse-extrinsic-01", "zh", buyer=None, transcript=None)` -> an offline
+    PracticeSession on the real grader and analyzer (the OfflineBuyer unless a buyer is given)."""
+    from bot import scenarios
+    from bot.buyer import OfflineBuyer
+    from bot.session import PracticeSession
+
+    def make(
+        scenario_id: str, language: str = "zh", *, buyer: Buyer | None = None, transcript: Path | None = None
+    ) -> PracticeSession:
+        card = scenarios.get(scenario_id)
+        return PracticeSession(
+            card, language,  # type: ignore[arg-type]
+            grader=offline_grader, buyer=buyer or OfflineBuyer(), analyzer=card_analyzer(card),
+            transcript=transcript, engine="offline" if buyer is None else "llm",
+            model=getattr(buyer, "name", "offline"),
+        )
+
+    return make
+
+
+# ---- Chat CLI and transcript fixtures: SPINBOT_HOMEs where the grader model (and index) already exist. ----
+
+
+@pytest.fixture(scope="session")
+def grader_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models/ folder holding the trained offline grader, as `OfflineGrader.load_or_train` stores it.
+
+    Kept in pytest's cache between runs (keyed by the training fingerprint, so stale models are
+    replaced); otherwise taken from the session's `offline_grader` instead of training a second time.
+    """
+    import joblib
+
+    from bot.grader import training_fingerprint
+    from bot.knowledge import bundled_embeddings
+
+    cache = getattr(request.config, "cache", None)
+    store = cache.mkdir("spinbot-grader-models") if cache is not None else tmp_path_factory.mktemp("grader-models")
+    path = store / f"offline-grader-{training_fingerprint(bundled_embeddings())}.joblib"
+    if not path.exists():
+        grader = request.getfixturevalue("offline_grader")
+        for old in store.glob("offline-grader-*.joblib"):
+            old.unlink(missing_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        joblib.dump(grader._model, tmp)
+        tmp.replace(path)
+    return store
+
+
+@pytest.fixture(scope="session")
+def stored_grader(grader_models: Path) -> OfflineGrader:
+    """The offline grader exactly as `spinbot` loads it from SPINBOT_HOME/models (no training)."""
+    from bot.grader import OfflineGrader
+    from bot.knowledge import bundled_embeddings
+
+    return OfflineGrader.load_or_train(bundled_embeddings(), grader_models)
+
+
+@pytest.fixture
+def chat_home(tmp_path: Path, grader_models: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh SPINBOT_HOME (set in the environment) with the trained grader model in models/."""
+    import shutil
+
+    home = tmp_path / "chat-home"
+    shutil.copytree(grader_models, home / "models", ignore=shutil.ignore_patterns("*.tmp"))
+    monkeypatch.setenv("SPINBOT_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def llm_chat_home(chat_home: Path, knowledge_home: Path) -> Path:
+    """chat_home plus a copy of the session's index of knowledge/ (bundled e5), for the LLM buyer's notes."""
+    import shutil
+
+    shutil.copytree(knowledge_home / "index", chat_home / "index")
+    return chat_home
