@@ -237,8 +237,8 @@ def markdown(d: Debrief) -> str:
               "|---|---|---|"]
     lines += [f"| {k} {names[k]} | {d.counts[k]} | {d.mix[k]:.0%} |" for k in LABELS]
     lines += ["", *[f"- {note}" for note in d.pattern], ""]
-    lines.append(f"**{'隐含需求' if zh else 'Implied needs'}**: {'; '.join(d.implied) or '-'}")
-    lines.append(f"**{'明确需求' if zh else 'Explicit needs'}**: {'; '.join(d.explicit) or '-'}")
+    lines.append(f"**{'隐含需求' if zh else 'Implied needs'}**: {'; '.join(d.implied) or '-'}\n")
+    lines.append(f"**{'明确需求' if zh else 'Explicit needs'}**: {'; '.join(d.explicit) or '-'}\n")
     lines.append(f"**{'过早介绍产品' if zh else 'Premature pitches'}**: {d.premature_pitches}")
     if d.rewrites:
         lines += ["", f"### {'可以问得更好的问题' if zh else 'Questions to ask better'}"]
