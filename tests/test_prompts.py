@@ -47,6 +47,11 @@ SAMPLE_VALUES: dict[str, dict[str, object]] = {
         "history": "Rep: How many people work here?\nYou: About eighty.",
         "rep_message": "Are your stock counts ever off?",
     },
+    "hint": {
+        "language_name": "English",
+        "state": "scenario: Warehouse lead; trust 0.55; implied needs ['picking mistakes']",
+        "history": "Rep: Do pickers make mistakes?\nBuyer: Some, yes.",
+    },
     "debrief": {
         "language_name": "English",
         "scenario": "Warehouse lead (consultative sale, extrinsic value customer)",
