@@ -80,13 +80,16 @@ def _run(fn: Callable[[], T]) -> T:
 def ui(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Serve off loopback without SPINBOT_AUTH (not recommended).")
+    ] = False,
 ) -> None:
     """Serve the web app."""
 
     def serve() -> None:
         from bot.ui import serve as serve_ui
 
-        serve_ui(_runtime(), host=host, port=port)
+        serve_ui(_runtime(), host=host, port=port, no_auth=no_auth)
 
     _run(serve)
 

@@ -34,6 +34,7 @@ FIXES: dict[str, str] = {
     "SPINBOT_CONCURRENCY": "use a whole number from 1 to 64",
     "CHROMA_HOST": "use a host name such as localhost, or leave it empty for the embedded index",
     "CHROMA_PORT": "use a port number from 1 to 65535",
+    "SPINBOT_AUTH": "use user:password (both non-empty), or leave it empty",
 }
 
 
@@ -62,6 +63,7 @@ class Settings(BaseSettings):
     spinbot_concurrency: int = Field(default=8, ge=1, le=64, alias="SPINBOT_CONCURRENCY")
     chroma_host: str | None = Field(default=None, alias="CHROMA_HOST")
     chroma_port: int = Field(default=8000, ge=1, le=65535, alias="CHROMA_PORT")
+    spinbot_auth: SecretStr | None = Field(default=None, alias="SPINBOT_AUTH")
 
     @field_validator(
         "openai_api_key",
@@ -70,6 +72,7 @@ class Settings(BaseSettings):
         "spinbot_grader_model",
         "spinbot_coach_model",
         "chroma_host",
+        "spinbot_auth",
         mode="before",
     )
     @classmethod
@@ -82,6 +85,28 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("not an http(s) URL")
         return value
+
+    @field_validator("spinbot_auth")
+    @classmethod
+    def _user_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            user, _, password = value.get_secret_value().partition(":")
+            if not user or not password:
+                raise ValueError("not user:password")
+        return value
+
+    def ui_auth(self, host: str, *, no_auth: bool = False) -> tuple[str, str] | None:
+        """Credentials for the web app. Loopback needs none; any other address needs SPINBOT_AUTH
+        unless the operator explicitly chose --no-auth."""
+        if self.spinbot_auth is not None:
+            user, _, password = self.spinbot_auth.get_secret_value().partition(":")
+            return user, password
+        if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.") or no_auth:
+            return None
+        raise ConfigError(
+            f"serving on {host} exposes the app beyond this machine: set SPINBOT_AUTH=user:password, "
+            "or pass --no-auth to serve without a password"
+        )
 
     @cached_property
     def engine(self) -> Engine:

@@ -427,10 +427,11 @@ def build_app(runtime: Runtime) -> gr.Blocks:
     return app
 
 
-def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 7860) -> None:
-    """Build the index if needed and serve the page."""
+def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 7860, *, no_auth: bool = False) -> None:
+    """Build the index if needed and serve the page (password-protected off loopback)."""
+    auth = runtime.settings.ui_auth(host, no_auth=no_auth)
     runtime.index.ensure()
     build_app(runtime).queue(default_concurrency_limit=8).launch(
         server_name=host, server_port=port, show_error=False, css=CSS, max_file_size=MAX_UPLOAD,
-        allowed_paths=[str(runtime.settings.transcripts_dir)],
+        allowed_paths=[str(runtime.settings.transcripts_dir)], auth=auth,
     )
