@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: run test lint index setup system-deps clean
+.PHONY: run test lint bench index setup system-deps clean
 
 run: setup index
 	$(BIN)/spinbot ui --host $(HOST) --port $(PORT)
@@ -30,6 +30,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# Speed, overlap, prompt size and memory against the targets: writes BENCHMARKS.md.
+bench: export OMP_NUM_THREADS ?= 1
+bench: setup index
+	$(BIN)/python -m bot.bench
 
 # Builds the knowledge index only when it is missing or out of date.
 index: setup

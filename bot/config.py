@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     )
     spinbot_timeout: float = Field(default=60.0, gt=0, alias="SPINBOT_TIMEOUT")
     spinbot_max_retries: int = Field(default=3, ge=0, le=10, alias="SPINBOT_MAX_RETRIES")
-    spinbot_concurrency: int = Field(default=8, ge=1, le=64, alias="SPINBOT_CONCURRENCY")
+    # LLM calls in flight in evals; 429s are retried with backoff, so a high default is safe.
+    spinbot_concurrency: int = Field(default=32, ge=1, le=64, alias="SPINBOT_CONCURRENCY")
     chroma_host: str | None = Field(default=None, alias="CHROMA_HOST")
     chroma_port: int = Field(default=8000, ge=1, le=65535, alias="CHROMA_PORT")
     spinbot_auth: SecretStr | None = Field(default=None, alias="SPINBOT_AUTH")
