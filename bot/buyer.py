@@ -13,7 +13,7 @@ from bot.coach import Retriever
 from bot.llm import ChatModel
 from bot.roleplay import CallState, Reaction
 from bot.scenarios import Scenario
-from bot.text import Language
+from bot.text import Language, defuse_tags
 from bot.tokens import count_message_tokens, fit_passages, trim_history
 
 HISTORY_BUDGET = 700
@@ -103,7 +103,7 @@ class LLMBuyer:
         card, language = turn.card, turn.language
         history = []
         for rep, buyer in turn.history:
-            history += [HumanMessage(f"Rep: {rep}"), AIMessage(f"You: {buyer}")]
+            history += [HumanMessage(f"Rep: {_data(rep)}"), AIMessage(f"You: {_data(buyer)}")]
         values: dict[str, Any] = dict(
             buyer_name=card.buyer.name(language),
             buyer_role=card.buyer.role(language),
@@ -119,7 +119,7 @@ class LLMBuyer:
             instruction=INSTRUCTIONS[turn.reaction.kind],
             convey=turn.planned,
             language_name=LANGUAGE_NAMES[language],
-            rep_message=turn.rep_text,
+            rep_message=_data(turn.rep_text),
         )
         rest = count_message_tokens(prompts.render("buyer", history="", **values))
         budget = max(MIN_HISTORY_BUDGET, min(HISTORY_BUDGET, PROMPT_BUDGET - rest))
@@ -138,6 +138,11 @@ class LLMBuyer:
                 notes = "\n".join(fit_passages([p.text for p in passages], CONCEPT_BUDGET))
             self._concepts[card.value_type] = notes or VALUE_TYPES[card.value_type]
         return self._concepts[card.value_type]
+
+
+def _data(text: str) -> str:
+    """Untrusted call text, unable to close or open the prompt's delimited blocks."""
+    return defuse_tags(text, "rep_message", "convey")
 
 
 def disclosed(card: Scenario, state: CallState, language: Language) -> str:

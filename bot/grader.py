@@ -24,7 +24,7 @@ from bot import prompts
 from bot.config import EVALS_DIR
 from bot.datasets import read_jsonl
 from bot.llm import ChatModel, EmbeddingModel, LLMError, LLMResponseError
-from bot.text import Language, detect_language
+from bot.text import Language, defuse_tags, detect_language
 
 Label = Literal["S", "P", "I", "N", "O"]
 LABELS: tuple[Label, ...] = ("S", "P", "I", "N", "O")
@@ -143,8 +143,8 @@ class LLMGrader:
         language = detect_language(utterance)
         messages = prompts.render(
             "grader",
-            context=context.strip() or "(none)",
-            utterance=utterance.strip(),
+            context=defuse_tags(context.strip(), "context", "utterance") or "(none)",
+            utterance=defuse_tags(utterance.strip(), "context", "utterance"),
             reason_language="Simplified Chinese" if language == "zh" else "English",
         )
         problem = ""

@@ -107,7 +107,13 @@ MOVE_PROTOTYPES: dict[Move, tuple[str, ...]] = {
 _INJECTION = re.compile(
     r"ignore (all |your |the |previous )*(instructions|rules|prompt)|system prompt|hidden (problems|facts)"
     r"|scenario card|you are an? (ai|language model|bot)|jailbreak|developer mode"
-    r"|忽略.{0,6}(指令|规则|提示)|系统提示|提示词|隐藏的?(问题|难点|信息)|剧本|你是(一个)?(AI|人工智能|机器人)|别演了",
+    r"|忽略.{0,6}(指令|规则|提示)|系统提示|提示词|隐藏的?(问题|难点|信息)|剧本|你是(一个)?(AI|人工智能|机器人)|别演了"
+    # Role swaps, fake developers and debug modes, prompt echoes, encodings, forged prompt tags.
+    r"|(swap|switch|reverse|exchange) (our )?roles|role swap|you are (now )?the (sales ?)?(rep|seller)"
+    r"|i am the developer|i'm the developer|debug(ging)? mode|for debugging|system instruction"
+    r"|repeat (everything|all|the text)( that is)? (above|before)|answer key|base64|stop role-?playing"
+    r"|the card'?s|card says|<\s*/?\s*(rep_message|convey|system|utterance|context)\s*>"
+    r"|(换|交换|互换)(一下)?角色|角色互换|你来当销售|开发者|调试模式|卡片|标准答案|上面的(全部|所有)内容|你的设定",
     re.IGNORECASE,
 )
 

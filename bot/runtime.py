@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -73,16 +74,16 @@ class Runtime:
         model = self.models.get("grader") or chat_model_from_settings(self.settings, "grader")
         return LLMGrader(model)
 
-    @cached_property
-    def _analyzers(self) -> dict[str, Analyzer]:
-        return {}
+    _analyzers: dict[str, Analyzer] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def analyzer(self, card: Scenario) -> Analyzer:
         """Topic matching for a card. Always the bundled e5: the thresholds are set for it, and
-        both engines then make the same state transitions."""
-        if card.id not in self._analyzers:
-            self._analyzers[card.id] = Analyzer(card, bundled_embeddings())
-        return self._analyzers[card.id]
+        both engines then make the same state transitions. Built once, even when many calls start at once."""
+        with self._lock:
+            if card.id not in self._analyzers:
+                self._analyzers[card.id] = Analyzer(card, bundled_embeddings())
+            return self._analyzers[card.id]
 
     def buyer(self) -> Buyer:
         model = self.model("buyer")

@@ -44,3 +44,10 @@ def clean_message(text: str, *, limit: int = MAX_MESSAGE_CHARS, what: str = "mes
     if len(kept) > limit:
         raise InputError(f"the {what} is too long ({len(kept)} characters; the limit is {limit})")
     return kept
+
+
+def defuse_tags(text: str, *tags: str) -> str:
+    """Text with any <tag> or </tag> of the given names made inert (‹tag›), so untrusted text put inside
+    a delimited block of a prompt cannot close it early or open another."""
+    pattern = re.compile(r"<\s*/?\s*(?:" + "|".join(map(re.escape, tags)) + r")\s*>", re.IGNORECASE)
+    return pattern.sub(lambda m: m.group(0).replace("<", "‹").replace(">", "›"), text)

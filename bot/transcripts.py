@@ -54,7 +54,12 @@ def new_path(directory: Path, scenario_id: str) -> Path:
     """A fresh file name in directory that no earlier call uses."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     name = _SAFE_NAME.sub("-", f"{stamp}-{scenario_id}")[:120]
-    return directory / f"{name}.jsonl"
+    path, number = directory / f"{name}.jsonl", 1
+    # The clock may repeat (or step back): never hand out a name a saved call already has.
+    while path.exists():
+        number += 1
+        path = directory / f"{name}-{number}.jsonl"
+    return path
 
 
 class TranscriptWriter:

@@ -238,3 +238,153 @@ def llm_chat_home(chat_home: Path, knowledge_home: Path) -> Path:
 
     shutil.copytree(knowledge_home / "index", chat_home / "index")
     return chat_home
+
+
+# ---- Faults, bad input and security (test_faults.py, test_bad_input.py, test_security.py). ----
+
+
+class ScriptedProvider:
+    """A chat_handler for FakeOpenAIServer that answers by what a request is for, not by its order.
+
+    Grader requests get `{"label": labels.get(utterance, "O")}`; buyer requests speak the planned line
+    (the text inside <convey>); coach and debrief requests get fixed answers. `faults[kind]` (kind is
+    grader, buyer, coach or debrief) is a queue of replies served first, one per request (retries included);
+    `fail_on[text]` answers every grader or buyer request about that rep line with the given reply.
+    """
+
+    COACH_ANSWER = "暗示问题追问难点带来的后果和影响[1]。"
+    DEBRIEF = '{"advice": "下次在请求承诺前多问暗示问题。", "rewrites": []}'
+
+    def __init__(self) -> None:
+        from collections import deque
+
+        from bot.testing import FakeReply
+
+        self.labels: dict[str, str] = {}
+        self.faults: dict[str, deque[str | FakeReply]] = {
+            kind: deque() for kind in ("grader", "buyer", "coach", "debrief", "other")
+        }
+        self.fail_on: dict[str, FakeReply] = {}
+        self.bodies: dict[str, list[dict[str, object]]] = {kind: [] for kind in self.faults}
+
+    @staticmethod
+    def content(message: dict[str, object]) -> str:
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+        return str(content)
+
+    @staticmethod
+    def between(text: str, tag: str) -> str | None:
+        import re
+
+        match = re.search(rf"<{tag}>\n?(.*?)\n?</{tag}>", text, re.DOTALL)
+        return match.group(1).strip() if match else None
+
+    def kind(self, body: dict[str, object]) -> str:
+        messages = body["messages"]
+        assert isinstance(messages, list)
+        system = self.content(messages[0]) if messages and messages[0]["role"] == "system" else ""
+        if system.startswith("You grade"):
+            return "grader"
+        if "<convey>" in system:
+            return "buyer"
+        if system.startswith("You are the coach"):
+            return "coach"
+        if "debrief" in system:
+            return "debrief"
+        return "other"
+
+    def __call__(self, body: dict[str, object]) -> object:
+        import json
+
+        from bot.testing import FakeReply
+
+        kind = self.kind(body)
+        self.bodies[kind].append(body)
+        messages = body["messages"]
+        assert isinstance(messages, list)
+        system, user = self.content(messages[0]), self.content(messages[-1])
+        rep = self.between(user, "utterance") if kind == "grader" else self.between(user, "rep_message")
+        if self.faults[kind]:
+            return self.faults[kind].popleft()
+        if rep is not None and rep in self.fail_on:
+            return self.fail_on[rep]
+        if kind == "grader":
+            label = self.labels.get(rep or "", "O")
+            return FakeReply(content=json.dumps({"label": label, "reason": f"scripted grade {label}"}))
+        if kind == "buyer":
+            return self.between(system, "convey") or "嗯。"
+        if kind == "coach":
+            return self.COACH_ANSWER
+        if kind == "debrief":
+            return self.DEBRIEF
+        return "OK"
+
+
+@pytest.fixture
+def provider(fake_server: FakeOpenAIServer) -> ScriptedProvider:
+    """A ScriptedProvider installed as the fake server's chat_handler."""
+    scripted = ScriptedProvider()
+    fake_server.chat_handler = scripted  # type: ignore[assignment]
+    return scripted
+
+
+@pytest.fixture
+def served_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., dict[str, object]]]:
+    """Factory: `served_app(runtime, host="127.0.0.1", no_auth=False)` runs `bot.ui.serve` exactly as
+    `spinbot ui` does (auth, upload limit, allowed paths, show_error) but without blocking. Returns
+    {"url": ..., "app": the Blocks, "options": the launch keyword arguments}; every app closes at teardown."""
+    import gradio as gr
+
+    from bot import ui
+
+    launched: list[gr.Blocks] = []
+    original = gr.Blocks.launch
+
+    def launch(self: gr.Blocks, *args: object, **kwargs: object) -> object:
+        kwargs.update(prevent_thread_lock=True, quiet=True)
+        launched.append(self)
+        return original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch)
+
+    def make(runtime: object, host: str = "127.0.0.1", *, no_auth: bool = False) -> dict[str, object]:
+        captured: dict[str, object] = {}
+
+        def recording(self: gr.Blocks, *args: object, **kwargs: object) -> object:
+            captured.update(kwargs)
+            return launch(self, *args, **kwargs)
+
+        port = closed_port()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(gr.Blocks, "launch", recording)
+            ui.serve(runtime, host=host, port=port, no_auth=no_auth)  # type: ignore[arg-type]
+        return {"url": f"http://127.0.0.1:{port}/", "app": launched[-1], "options": captured}
+
+    yield make
+    for app in launched:
+        app.close()
+
+
+# ---- Web app fixtures: a SPINBOT_HOME where the index and the grader model already exist. ----
+
+
+@pytest.fixture(scope="module")
+def ui_home(tmp_path_factory: pytest.TempPathFactory, knowledge_home: Path, grader_models: Path) -> Path:
+    """A fresh SPINBOT_HOME per test module: a copy of the session's index and of the trained grader
+    model, so a Runtime on it builds and trains nothing; its transcripts/ starts empty."""
+    import shutil
+
+    home = tmp_path_factory.mktemp("ui-home")
+    shutil.copytree(knowledge_home / "index", home / "index")
+    shutil.copytree(grader_models, home / "models", ignore=shutil.ignore_patterns("*.tmp"))
+    return home
+
+
+@pytest.fixture(scope="module")
+def ui_settings(ui_home: Path) -> Settings:
+    """Offline-engine Settings on `ui_home`, built without any inherited variable or .env file."""
+    settings = _clean_settings(SPINBOT_HOME=str(ui_home))
+    assert settings.engine == "offline"
+    return settings
