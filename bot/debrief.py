@@ -188,6 +188,10 @@ def _advice(d: Debrief, language: Language) -> str:
 _OUTCOMES_ZH = {"Order": "订单", "Advance": "晋级", "Continuation": "延续", "No-sale": "未成交"}
 
 
+def outcome_name(outcome: str, language: Language) -> str:
+    return _OUTCOMES_ZH.get(outcome, outcome) if language == "zh" else outcome
+
+
 class _LLMRewrite(BaseModel):
     turn: int
     better: str = Field(min_length=1, max_length=400)

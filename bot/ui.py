@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,7 +109,7 @@ def rep_message(result: TurnResult, ui: Language) -> str:
         details += f"<br>{t('better', ui)}: {html.escape(result.grade.better_question)}"
     css_label = label if label in "SPINO" else "X"
     return (
-        f'<span class="spin-badge spin-{css_label}" data-label="{label}" title="{name}">{label}</span>'
+        f'<span class="spin-badge spin-{css_label}" title="{name}">{label}</span>'
         f"{html.escape(result.rep)}"
         f'<details class="spin-why"><summary>{t("why", ui)}</summary>{details}</details>'
     )
@@ -118,7 +119,7 @@ def state_panel(session: PracticeSession | None, ui: Language) -> str:
     if session is None:
         return t("no_call", ui)
     state, card, lang = session.state, session.card, session.language
-    implied = [card.problem(p).topic(lang) + (" ✅" if p in state.explicit else "") for p in state.implied]
+    implied = [card.problem(p).topic(lang) + (" ✓" if p in state.explicit else "") for p in state.implied]
     counts = " · ".join(f"{k} {state.counts[k]}" for k in "SPINO")
     lines = [
         f"**{card.buyer.name(lang)}** · {card.buyer.role(lang)}",
@@ -143,6 +144,22 @@ def _sources_markdown(answer: CoachAnswer) -> str:
     return "\n".join(lines)
 
 
+def saved_call_path(folder: Path, name: str) -> Path:
+    """The saved call `name` directly inside `folder`, or InputError: no paths, no '..', no links out of
+    the folder, and no names the file system refuses (NUL bytes, overlong names)."""
+    plain = bool(name) and name not in (".", "..") and name == Path(name).name and "\\" not in name
+    try:
+        root = folder.resolve()
+        path = (root / name).resolve()
+        inside = plain and path.parent == root and path.is_file()
+    except (OSError, ValueError):
+        inside = False
+    if not inside:
+        shown = name if len(name) <= 80 else name[:80] + "…"
+        raise InputError(f"{shown!r}: not a saved call")
+    return path
+
+
 def build_app(runtime: Runtime) -> gr.Blocks:
     """The whole page."""
     coach = runtime.coach
@@ -155,19 +172,25 @@ def build_app(runtime: Runtime) -> gr.Blocks:
         if model is not None:
             report = debriefs.with_llm(report, card, turns, model)
         chart = spin_timeline_png(
-            report.timeline, report.counts, f"{card.title(lang)} · {report.outcome}",
+            report.timeline, report.counts, f"{card.title(lang)} · {debriefs.outcome_name(report.outcome, lang)}",
             charts_dir / f"{uuid.uuid4().hex}.png",
         )
         return debriefs.markdown(report), str(chart)
 
     # --- practice ---------------------------------------------------------------------------------
 
+    start_locks = {card.id: threading.Lock() for card in scenarios.builtin()}
+
     def start_call(scenario_id: str, call_lang: str, ui_value: str, old: PracticeSession | None) -> Any:
         ui = _lang(ui_value)
         if old is not None:
             old.close()
         try:
-            session = runtime.new_session(scenario_id, _lang(call_lang))
+            card = scenarios.get(scenario_id)
+            # One start per card at a time: concurrent first calls on a card build its analyzer once,
+            # not once each, and same-card transcript names (microsecond stamps) cannot collide.
+            with start_locks[card.id]:
+                session = runtime.new_session(card.id, _lang(call_lang))
         except ScenarioError as exc:
             raise gr.Error(str(exc)) from None
         chat = [{"role": "assistant", "content": session.opening}]
@@ -287,10 +310,10 @@ def build_app(runtime: Runtime) -> gr.Blocks:
         if not name:
             gr.Warning(t("saved_calls", ui) + ": ?")
             return "", None
-        folder = runtime.settings.transcripts_dir.resolve()
-        path = (folder / name).resolve()
-        if path.parent != folder or not path.is_file():
-            raise gr.Error(f"{name}: not a saved call")
+        try:
+            path = saved_call_path(runtime.settings.transcripts_dir, name)
+        except InputError as exc:
+            raise gr.Error(str(exc)) from None
         try:
             return review(load(path), ui)
         except (TranscriptError, ScenarioError) as exc:
