@@ -28,6 +28,8 @@ from langchain_core.messages import BaseMessage
 from pydantic import BaseModel, ValidationError
 
 from bot.llm import LLMResponseError, parse_json_reply
+from bot.roleplay import CallState
+from bot.scenarios import Scenario
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -659,3 +661,15 @@ def forbid_remote_network(monkeypatch: _MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
     monkeypatch.setattr(socket, "create_connection", create_connection)
+
+
+def locked_texts(card: Scenario, state: CallState) -> list[str]:
+    """Every card text the buyer has not disclosed in `state`, in both languages: what must never leak."""
+    texts = [f.reply for f in card.facts if f.id not in state.facts]
+    for p in card.problems:
+        if p.id not in state.implied:
+            texts.append(p.implied)
+        texts += p.implications[state.implications.get(p.id, 0) :]
+        if p.id not in state.explicit:
+            texts.append(p.need_payoff)
+    return [t for text in texts for t in (text.zh, text.en)]

@@ -29,7 +29,7 @@ from bot.roleplay import (
 )
 from bot.scenarios import Scenario
 from bot.session import PracticeSession, TurnResult
-from bot.testing import FakeOpenAIServer
+from bot.testing import FakeOpenAIServer, locked_texts
 
 WAREHOUSE = "warehouse-extrinsic-01"
 
@@ -462,18 +462,6 @@ def warm_up(say: Play, script: Script) -> None:
 
 def stock_lines(card: Scenario, key: str) -> set[str]:
     return {t.zh for t in card.lines[key]}
-
-
-def locked_texts(card: Scenario, state: CallState) -> list[str]:
-    """Every card text the buyer has not disclosed in `state`, in both languages."""
-    texts = [f.reply for f in card.facts if f.id not in state.facts]
-    for p in card.problems:
-        if p.id not in state.implied:
-            texts.append(p.implied)
-        texts += p.implications[state.implications.get(p.id, 0):]
-        if p.id not in state.explicit:
-            texts.append(p.need_payoff)
-    return [t for text in texts for t in (text.zh, text.en)]
 
 
 @pytest.mark.parametrize("card_id", CARDS)

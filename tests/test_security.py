@@ -25,7 +25,7 @@ from bot.roleplay import Analyzer, CallState
 from bot.runtime import Runtime
 from bot.scenarios import Scenario
 from bot.session import PracticeSession
-from bot.testing import FakeEmbeddingModel, FakeOpenAIServer, FakeReply
+from bot.testing import FakeEmbeddingModel, FakeOpenAIServer, FakeReply, locked_texts
 from bot.text import defuse_tags
 
 KEY = "sk-test-VERYSECRET-123"
@@ -253,18 +253,6 @@ ATTACKS = [
 def test_the_suite_is_big_and_bilingual() -> None:
     zh = [a for a in ATTACKS if re.search(r"[\u4e00-\u9fff]", a)]
     assert len(ATTACKS) >= 20 and len(zh) >= 10 and len(ATTACKS) - len(zh) >= 10
-
-
-def locked_texts(card: Scenario, state: CallState) -> list[str]:
-    """Every card text the buyer has not disclosed in `state`, in both languages."""
-    texts = [f.reply for f in card.facts if f.id not in state.facts]
-    for p in card.problems:
-        if p.id not in state.implied:
-            texts.append(p.implied)
-        texts += p.implications[state.implications.get(p.id, 0):]
-        if p.id not in state.explicit:
-            texts.append(p.need_payoff)
-    return [t for text in texts for t in (text.zh, text.en)]
 
 
 def unlocked(state: CallState) -> tuple[object, ...]:
