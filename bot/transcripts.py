@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +54,8 @@ class Transcript(BaseModel):
 def new_path(directory: Path, scenario_id: str) -> Path:
     """A fresh file name in directory that no earlier call uses."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-    name = _SAFE_NAME.sub("-", f"{stamp}-{scenario_id}")[:120]
+    # A random tail: calls starting in the same microsecond (threads, processes) never share a name.
+    name = _SAFE_NAME.sub("-", f"{stamp}-{scenario_id}")[:110] + f"-{uuid.uuid4().hex[:6]}"
     path, number = directory / f"{name}.jsonl", 1
     # The clock may repeat (or step back): never hand out a name a saved call already has.
     while path.exists():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import tempfile
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,18 +178,12 @@ def build_app(runtime: Runtime) -> gr.Blocks:
 
     # --- practice ---------------------------------------------------------------------------------
 
-    start_locks = {card.id: threading.Lock() for card in scenarios.builtin()}
-
     def start_call(scenario_id: str, call_lang: str, ui_value: str, old: PracticeSession | None) -> Any:
         ui = _lang(ui_value)
         if old is not None:
             old.close()
         try:
-            card = scenarios.get(scenario_id)
-            # One start per card at a time: concurrent first calls on a card build its analyzer once,
-            # not once each, and same-card transcript names (microsecond stamps) cannot collide.
-            with start_locks[card.id]:
-                session = runtime.new_session(card.id, _lang(call_lang))
+            session = runtime.new_session(scenario_id, _lang(call_lang))
         except ScenarioError as exc:
             raise gr.Error(str(exc)) from None
         chat = [{"role": "assistant", "content": session.opening}]
