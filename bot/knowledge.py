@@ -173,12 +173,9 @@ def _first_error(exc: Exception) -> str:
     return str(exc).splitlines()[0]
 
 
-def _embed_text(doc: Document) -> str:
-    # The bilingual title travels with the body so English questions meet Chinese slides.
-    return f"{doc.metadata['title']}\n{doc.page_content}"
-
-
-def _display_text(doc: Document) -> str:
+def _chunk_text(doc: Document) -> str:
+    """What is embedded, ranked and shown: the bilingual title travels with the body so English
+    questions meet Chinese slides."""
     return f"{doc.metadata['title']}\n{doc.page_content}"
 
 
@@ -357,10 +354,10 @@ class KnowledgeIndex:
                 metadata={"fingerprint": self._fingerprint, "embedding_model": self._embeddings.name},
                 configuration={"hnsw": {"space": "cosine"}},
             )
-            vectors = self._embeddings.embed_documents([_embed_text(d) for d in self._chunks])
+            vectors = self._embeddings.embed_documents([_chunk_text(d) for d in self._chunks])
             collection.add(
                 ids=[d.id for d in self._chunks],
-                documents=[_display_text(d) for d in self._chunks],
+                documents=[_chunk_text(d) for d in self._chunks],
                 metadatas=[dict(d.metadata) for d in self._chunks],
                 embeddings=vectors,
             )
@@ -371,7 +368,7 @@ class KnowledgeIndex:
         if self._bm25 is None:
             from rank_bm25 import BM25Okapi
 
-            self._bm25 = BM25Okapi([tokenize(_embed_text(d)) for d in self._chunks])
+            self._bm25 = BM25Okapi([tokenize(_chunk_text(d)) for d in self._chunks])
         return self._bm25
 
     def search(self, query: str, k: int = 4) -> list[Passage]:
@@ -412,7 +409,7 @@ class KnowledgeIndex:
             passages.append(
                 Passage(
                     id=doc_id,
-                    text=_display_text(doc),
+                    text=_chunk_text(doc),
                     source=str(doc.metadata["source"]),
                     title=str(doc.metadata["title"]),
                     language=str(doc.metadata["language"]),
