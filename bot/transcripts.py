@@ -55,7 +55,7 @@ def new_path(directory: Path, scenario_id: str) -> Path:
     """A fresh file name in directory that no earlier call uses."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     # A random tail: calls starting in the same microsecond (threads, processes) never share a name.
-    name = _SAFE_NAME.sub("-", f"{stamp}-{scenario_id}")[:110] + f"-{uuid.uuid4().hex[:6]}"
+    name = _SAFE_NAME.sub("-", f"{stamp}-{uuid.uuid4().hex[:6]}-{scenario_id}")[:120]
     path, number = directory / f"{name}.jsonl", 1
     # The clock may repeat (or step back): never hand out a name a saved call already has.
     while path.exists():
