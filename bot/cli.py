@@ -305,6 +305,58 @@ def eval_grader_cmd(
     _run(run)
 
 
+@eval_app.command("reading")
+def eval_reading_cmd(
+    data: Annotated[Path, typer.Option("--data", help="JSONL with label, move and/or card+topic per line.")],
+    reader: Annotated[str, typer.Option("--reader", help="offline or llm.")] = "offline",
+    json_out: JsonOption = None,
+) -> None:
+    """Score the reading of rep lines: label, move (and attacks), topic, with confusion matrices per language."""
+
+    def run() -> None:
+        from bot import scenarios
+        from bot.evaluation import ReadingSample, eval_readings
+
+        runtime = _runtime()
+        kind = _grader_kind(reader)
+        readers: dict[str, Any] = {}
+        default_card = scenarios.builtin()[0].id
+
+        def read(sample: ReadingSample) -> Any:
+            card_id = sample.card or default_card
+            if card_id not in readers:
+                readers[card_id] = runtime.reader(scenarios.get(card_id), kind)
+            return readers[card_id].read(sample.utterance, sample.context, sample.focus)
+
+        result = eval_readings(read, data, progress=lambda items: track(items, "reading", console=errors))
+        _write_json(json_out, result)
+        if json_out != "-":
+            _print_reading_summary(result)
+
+    _run(run)
+
+
+def _print_reading_summary(result: dict[str, Any]) -> None:
+    table = Table("what", "set", "n", "accuracy", "macro-F1", "kappa")
+    for what in ("label", "move"):
+        if what in result:
+            for name, m in [("all", result[what]), *result[what]["by_language"].items()]:
+                table.add_row(what, name, str(m["n"]), f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}",
+                              f"{m['kappa']:.3f}")
+    if "topic" in result:
+        t = result["topic"]
+        for name, m in [("all", t), *t["by_language"].items()]:
+            table.add_row("topic", name, str(m["n"]), f"{m['accuracy']:.3f}",
+                          f"none P {m['none']['precision']:.3f} R {m['none']['recall']:.3f}", "")
+    console.print(table)
+    if "attack" in result:
+        a = result["attack"]
+        recall = "n/a" if a["recall"] is None else f"{a['recall']:.3f}"
+        rate = "n/a" if a["false_alarm_rate"] is None else f"{a['false_alarm_rate']:.3%}"
+        console.print(f"attacks caught {a['caught']}/{a['attempts']} (recall {recall}); false alarms on real "
+                      f"questions {a['false_alarms']}/{a['real_questions']} ({rate})", highlight=False)
+
+
 scenarios_app = typer.Typer(no_args_is_help=True, help="Scenario cards for the role-play.")
 app.add_typer(scenarios_app, name="scenarios")
 
@@ -435,8 +487,8 @@ def _print_turn(result: Any, quiet: bool) -> None:
     if quiet:
         return
     console.print()
-    label = result.grade.label or "?"
-    console.print(f"[dim]  [{label}] {result.grade.reason}  trust {result.state.trust:.2f}[/dim]", highlight=False)
+    label = result.reading.label or "?"
+    console.print(f"[dim]  [{label}] {result.reading.reason}  trust {result.state.trust:.2f}[/dim]", highlight=False)
     if result.notice:
         errors.print(f"[yellow]{result.notice}[/yellow]", highlight=False)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bot.coach import Retriever
-from bot.datasets import read_jsonl
-from bot.grader import LABELS, Grade, Grader, LabelledUtterance, grade_many
+from bot.datasets import DataError, read_jsonl
+from bot.grader import LABELS, Grade, Grader, Label, LabelledUtterance, grade_many
+from bot.reading import MOVES, Move, Reading
 
 
 class RetrievalSample(BaseModel):
@@ -67,6 +68,15 @@ def grader_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str, A
 
     Ungraded predictions count as wrong; they are outside the S..O label set.
     """
+    return classification_metrics(gold, predicted, LABELS)
+
+
+def classification_metrics(gold: Sequence[str], predicted: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
+    """The same figures for any vocabulary (labels, moves, topic ids).
+
+    Macro-F1 averages over the classes the gold set has (a set without O, say, is not given a free
+    zero for O); a wrong prediction of an absent class still costs the recall of the true one.
+    """
     from sklearn.metrics import (
         accuracy_score,
         cohen_kappa_score,
@@ -75,14 +85,15 @@ def grader_metrics(gold: Sequence[str], predicted: Sequence[str]) -> dict[str, A
         precision_recall_fscore_support,
     )
 
-    labels = list(LABELS)
+    labels = list(classes)
     precision, recall, f1, support = precision_recall_fscore_support(
         gold, predicted, labels=labels, zero_division=0
     )
     return {
         "n": len(gold),
         "accuracy": float(accuracy_score(gold, predicted)),
-        "macro_f1": float(f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(gold, predicted, labels=[c for c in labels if c in set(gold)] or labels,
+                                   average="macro", zero_division=0)),
         "kappa": float(cohen_kappa_score(gold, predicted)),
         "ungraded": sum(p == UNGRADED for p in predicted),
         "per_label": {
@@ -204,6 +215,114 @@ def confusion_png(result: dict[str, Any], path: Path, title: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# --- readings (label, move, topic) ----------------------------------------------------------------
+
+
+class ReadingSample(BaseModel):
+    """One line of a reading set: any of label, move and card+topic may be given, and each is scored."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1)
+    lang: Literal["zh", "en"]
+    context: str = ""
+    utterance: str = Field(min_length=1)
+    label: Label | None = None
+    move: Move | None = None
+    card: str | None = None
+    topic: str | None = None
+    focus: str | None = None
+
+
+NO_TOPIC = "none"
+
+
+def _by_language(
+    samples: Sequence[ReadingSample], gold: Sequence[str], predicted: Sequence[str], classes: Sequence[str]
+) -> dict[str, Any]:
+    return {
+        lang: classification_metrics([gold[k] for k in idx], [predicted[k] for k in idx], classes)
+        for lang in sorted({s.lang for s in samples})
+        for idx in [[k for k, s in enumerate(samples) if s.lang == lang]]
+        if idx
+    }
+
+
+def _binary(gold: Sequence[bool], predicted: Sequence[bool]) -> dict[str, Any]:
+    hits = sum(g and p for g, p in zip(gold, predicted, strict=True))
+    said = sum(predicted)
+    real = sum(gold)
+    precision = hits / said if said else 1.0
+    recall = hits / real if real else 1.0
+    return {"n": len(gold), "positives": real, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+
+
+def eval_readings(
+    read: Callable[[ReadingSample], Reading],
+    data: Path,
+    progress: Callable[[Iterable[ReadingSample]], Iterable[ReadingSample]] = lambda x: x,
+) -> dict[str, Any]:
+    """Read every line of a reading set and score label, move, attacks and topic where the set gives them."""
+    samples = read_jsonl(data, ReadingSample)
+    for number, sample in enumerate(samples, start=1):
+        if (sample.card is None) != (sample.topic is None):
+            raise DataError(f"{data}:{number}: card and topic go together (id {sample.id})")
+    readings = [read(s) for s in progress(samples)]
+    rows = [
+        {"id": s.id, "lang": s.lang, "utterance": s.utterance, "gold": {"label": s.label, "move": s.move,
+         "topic": s.topic}, "read": {"label": r.label, "move": r.move, "topic": r.topic or NO_TOPIC}}
+        for s, r in zip(samples, readings, strict=True)
+    ]
+    result: dict[str, Any] = {"n": len(samples), "reader": readings[0].reader if readings else ""}
+    labelled = [k for k, s in enumerate(samples) if s.label is not None]
+    if labelled:
+        group = [samples[k] for k in labelled]
+        gold = [str(samples[k].label) for k in labelled]
+        predicted = [readings[k].label or UNGRADED for k in labelled]
+        result["label"] = {**classification_metrics(gold, predicted, LABELS),
+                           "by_language": _by_language(group, gold, predicted, LABELS)}
+    moved = [k for k, s in enumerate(samples) if s.move is not None]
+    if moved:
+        group = [samples[k] for k in moved]
+        gold = [str(samples[k].move) for k in moved]
+        predicted = [readings[k].move for k in moved]
+        result["move"] = {**classification_metrics(gold, predicted, MOVES),
+                          "by_language": _by_language(group, gold, predicted, MOVES)}
+    # Attacks: recall on attempts, and false alarms on real questions (labelled S/P/I/N or moved "question").
+    attempts = [k for k, s in enumerate(samples) if s.move == "injection"]
+    questions = [k for k, s in enumerate(samples)
+                 if s.move == "question" or (s.move is None and s.label in ("S", "P", "I", "N"))]
+    if attempts or questions:
+        caught = sum(readings[k].injection for k in attempts)
+        alarms = sum(readings[k].injection for k in questions)
+        result["attack"] = {
+            "attempts": len(attempts), "caught": caught, "recall": caught / len(attempts) if attempts else None,
+            "real_questions": len(questions), "false_alarms": alarms,
+            "false_alarm_rate": alarms / len(questions) if questions else None,
+        }
+    topical = [k for k, s in enumerate(samples) if s.topic is not None]
+    if topical:
+        gold = [str(samples[k].topic) for k in topical]
+        predicted = [readings[k].topic or NO_TOPIC for k in topical]
+        group = [samples[k] for k in topical]
+        topic: dict[str, Any] = {
+            "n": len(topical),
+            "accuracy": sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(topical),
+            "none": _binary([g == NO_TOPIC for g in gold], [p == NO_TOPIC for p in predicted]),
+            "by_language": {},
+        }
+        for lang in sorted({s.lang for s in group}):
+            idx = [i for i, s in enumerate(group) if s.lang == lang]
+            g, p = [gold[i] for i in idx], [predicted[i] for i in idx]
+            topic["by_language"][lang] = {
+                "n": len(idx), "accuracy": sum(a == b for a, b in zip(g, p, strict=True)) / len(idx),
+                "none": _binary([a == NO_TOPIC for a in g], [b == NO_TOPIC for b in p]),
+            }
+        result["topic"] = topic
+    result["samples"] = rows
+    return result
 
 
 # --- transcripts ----------------------------------------------------------------------------------

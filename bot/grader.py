@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import joblib
 import numpy as np
@@ -29,6 +29,8 @@ from bot.text import Language, defuse_tags, detect_language
 Label = Literal["S", "P", "I", "N", "O"]
 LABELS: tuple[Label, ...] = ("S", "P", "I", "N", "O")
 TRAIN_GLOB = "spin-train-*.jsonl"
+# The training half of the external set (public example questions, split by source).
+EXTERNAL_TRAIN_GLOB = "external/train-*.jsonl"
 TRAIN_DIR = EVALS_DIR / "data"
 # Bump when features or model change, so stored models are retrained.
 MODEL_VERSION = "5"
@@ -98,6 +100,8 @@ class LabelledUtterance(BaseModel):
     utterance: str = Field(min_length=1)
     label: Label
     note: str | None = None
+    source: str | None = None  # where an external item was published
+    source_title: str | None = None
 
 
 def grade_many(
@@ -265,7 +269,7 @@ def _strip_speaker(context: str) -> str:
 
 
 def training_files(directory: Path = TRAIN_DIR) -> list[Path]:
-    files = sorted(directory.glob(TRAIN_GLOB))
+    files = sorted(directory.glob(TRAIN_GLOB)) + sorted(directory.glob(EXTERNAL_TRAIN_GLOB))
     if not files:
         raise FileNotFoundError(f"{directory}: no {TRAIN_GLOB} training files")
     return files
@@ -286,6 +290,30 @@ def training_fingerprint(embeddings: EmbeddingModel, directory: Path = TRAIN_DIR
     return digest.hexdigest()[:16]
 
 
+M = TypeVar("M")
+
+
+def stored_model(
+    store: Path, prefix: str, fingerprint: str, embeddings: EmbeddingModel, train: Callable[[], M],
+    *, retrain: bool = False,
+) -> M:
+    """The model stored under `prefix-fingerprint` if there is one, else `train()`, stored atomically
+    (older versions removed). The embedding model, a live handle, is re-attached on load."""
+    path = store / f"{prefix}-{fingerprint}.joblib"
+    if path.exists() and not retrain:
+        model: Any = joblib.load(path)
+        model.embeddings = embeddings
+        return cast(M, model)
+    fresh = train()
+    store.mkdir(parents=True, exist_ok=True)
+    for old in store.glob(f"{prefix}-*.joblib"):
+        old.unlink(missing_ok=True)
+    tmp = path.with_suffix(".tmp")
+    joblib.dump(fresh, tmp)
+    tmp.replace(path)
+    return fresh
+
+
 class OfflineGrader:
     """The trained classifier behind the Grader protocol; trains itself when its model is missing."""
 
@@ -300,19 +328,10 @@ class OfflineGrader:
         cls, embeddings: EmbeddingModel, store: Path, directory: Path = TRAIN_DIR, *, retrain: bool = False
     ) -> OfflineGrader:
         """The stored model if it matches the training data and code, else a freshly trained one."""
-        fingerprint = training_fingerprint(embeddings, directory)
-        path = store / f"offline-grader-{fingerprint}.joblib"
-        if path.exists() and not retrain:
-            model: OfflineModel = joblib.load(path)
-            model.embeddings = embeddings
-            return cls(model)
-        model = OfflineModel(embeddings).fit(load_training_set(directory))
-        store.mkdir(parents=True, exist_ok=True)
-        for old in store.glob("offline-grader-*.joblib"):
-            old.unlink(missing_ok=True)
-        tmp = path.with_suffix(".tmp")
-        joblib.dump(model, tmp)
-        tmp.replace(path)
+        model = stored_model(
+            store, "offline-grader", training_fingerprint(embeddings, directory), embeddings,
+            lambda: OfflineModel(embeddings).fit(load_training_set(directory)), retrain=retrain,
+        )
         return cls(model)
 
     def grade(self, utterance: str, context: str = "") -> Grade:

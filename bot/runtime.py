@@ -13,7 +13,7 @@ from bot.config import Engine, Role, Settings
 from bot.grader import Grader, LLMGrader, OfflineGrader
 from bot.knowledge import KnowledgeIndex, bundled_embeddings
 from bot.llm import ChatModel, EmbeddingModel, chat_model_from_settings, embedding_model_from_settings
-from bot.roleplay import Analyzer
+from bot.reading import LLMReader, MemoEmbeddings, MoveModel, OfflineReader, Reader, TopicMatcher, load_or_train_moves
 from bot.scenarios import Scenario
 from bot.session import PracticeSession
 from bot.text import Language
@@ -62,9 +62,18 @@ class Runtime:
         return Coach(self.index, self.model("coach"))
 
     @cached_property
+    def reading_embeddings(self) -> MemoEmbeddings:
+        """The bundled e5 behind every offline reading: the models were trained on it, and the thresholds
+        are set for it, so both engines read alike. Memoised: one line is embedded once per turn."""
+        return MemoEmbeddings(bundled_embeddings())
+
+    @cached_property
     def offline_grader(self) -> OfflineGrader:
-        # The classifier always uses the bundled embeddings: it was trained on them.
-        return OfflineGrader.load_or_train(bundled_embeddings(), self.settings.spinbot_home / "models")
+        return OfflineGrader.load_or_train(self.reading_embeddings, self.settings.spinbot_home / "models")
+
+    @cached_property
+    def move_model(self) -> MoveModel:
+        return load_or_train_moves(self.reading_embeddings, self.settings.spinbot_home / "models")
 
     def grader(self, kind: Engine | None = None) -> Grader:
         """The grader of the engine in use, or of the kind asked for."""
@@ -74,16 +83,27 @@ class Runtime:
         model = self.models.get("grader") or chat_model_from_settings(self.settings, "grader")
         return LLMGrader(model)
 
-    _analyzers: dict[str, Analyzer] = field(default_factory=dict)
+    _matchers: dict[str, TopicMatcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def analyzer(self, card: Scenario) -> Analyzer:
-        """Topic matching for a card. Always the bundled e5: the thresholds are set for it, and
-        both engines then make the same state transitions. Built once, even when many calls start at once."""
+    def topic_matcher(self, card: Scenario) -> TopicMatcher:
+        """Topic matching for a card, built once even when many calls start at once."""
         with self._lock:
-            if card.id not in self._analyzers:
-                self._analyzers[card.id] = Analyzer(card, bundled_embeddings())
-            return self._analyzers[card.id]
+            if card.id not in self._matchers:
+                self._matchers[card.id] = TopicMatcher(card, self.reading_embeddings)
+            return self._matchers[card.id]
+
+    def offline_reader(self, card: Scenario) -> OfflineReader:
+        return OfflineReader(card, self.offline_grader, self.move_model, self.topic_matcher(card))
+
+    def reader(self, card: Scenario, kind: Engine | None = None) -> Reader:
+        """The reader of the engine in use (or of the kind asked for) for one card."""
+        kind = kind or self.engine
+        if kind == "offline":
+            return self.offline_reader(card)
+        model = self.models.get("grader") or chat_model_from_settings(self.settings, "grader")
+        offline = self.offline_reader(card)
+        return LLMReader(card, model, lambda text: offline.read_move(text) == "injection")
 
     def buyer(self) -> Buyer:
         model = self.model("buyer")
@@ -99,9 +119,9 @@ class Runtime:
         card = scenarios.get(scenario_id)
         path = new_path(self.settings.transcripts_dir, card.id) if save else None
         return PracticeSession(
-            card, language, grader=self.grader(), buyer=self.buyer(), analyzer=self.analyzer(card),
+            card, language, reader=self.reader(card), buyer=self.buyer(),
             transcript=path, engine=self.engine, model=self.model_names(),
-            predictor=self.offline_grader if self.engine == "llm" else None,
+            predictor=self.offline_reader(card) if self.engine == "llm" else None,
         )
 
     def describe(self) -> str:

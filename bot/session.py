@@ -1,4 +1,4 @@
-"""One practice call: grade each rep line, step the state machine, let the buyer speak, save the turn."""
+"""One practice call: read each rep line, step the state machine, let the buyer speak, save the turn."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 from bot import roleplay
 from bot.buyer import Buyer, BuyerTurn
-from bot.grader import Grade, Grader
 from bot.llm import LLMError
-from bot.roleplay import Analyzer, CallState, Reaction
+from bot.reading import Reader, Reading
+from bot.roleplay import CallState, Reaction
 from bot.scenarios import Scenario
 from bot.text import InputError, Language, clean_message
 from bot.transcripts import TranscriptWriter, Turn, header_now
@@ -28,7 +28,7 @@ BUYER_FALLBACK_NOTICE = {
 class TurnResult:
     turn: int
     rep: str
-    grade: Grade
+    reading: Reading
     buyer: str
     state: CallState
     reaction: Reaction
@@ -42,13 +42,16 @@ class TurnResult:
         return {
             "turn": self.turn,
             "rep": self.rep,
-            "label": self.grade.label,
-            "reason": self.grade.reason,
-            "better_question": self.grade.better_question,
+            "label": self.reading.label,
+            "reason": self.reading.reason,
+            "better_question": self.reading.better_question,
             "buyer": self.buyer,
             "state": self.state.to_json(),
             "reaction": self.reaction.to_json(),
             "notice": self.notice,
+            "move": self.reading.move,
+            "topic": self.reading.topic,
+            "reader": self.reading.reader,
         }
 
 
@@ -60,19 +63,17 @@ class PracticeSession:
         card: Scenario,
         language: Language,
         *,
-        grader: Grader,
+        reader: Reader,
         buyer: Buyer,
-        analyzer: Analyzer,
         transcript: Path | None,
         engine: str,
         model: str,
-        predictor: Grader | None = None,
+        predictor: Reader | None = None,
     ) -> None:
         self.card = card
         self.language = language
-        self._grader = grader
+        self._reader = reader
         self._buyer = buyer
-        self._analyzer = analyzer
         self._predictor = predictor
         self.speculated = False
         self.state = roleplay.start(card)
@@ -101,25 +102,22 @@ class PracticeSession:
             raise InputError("the call has ended: start a new call to practise again")
         text = clean_message(rep_text)
         context = f"buyer: {self.history[-1][1]}" if self.history else f"buyer: {self.opening}"
-        # The grade is the slow part on the LLM engine; topic matching runs beside it, and the
-        # buyer starts speaking on the predictor's label, kept only if the grader agrees.
+        focus = self.state.focus
+        # The reading is the slow part on the LLM engine; the buyer starts speaking on the offline
+        # predictor's reading, kept only if the real reading leads to the same turn.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._grader.grade, text, context)
-            analysis = self._analyzer.analyse(text)
-            guess: tuple[str | None, BuyerTurn, _Prefetch] | None = None
+            pending = pool.submit(self._reader.read, text, context, focus)
+            guess: tuple[BuyerTurn, _Prefetch] | None = None
             if self._predictor is not None and self._buyer.streams:
-                label = self._predictor.grade(text, context).label
-                planned_turn = self._plan(label, analysis, text)
-                guess = (label, planned_turn, _Prefetch(self._buyer.reply, planned_turn))
-            grade = pending.result()
-        if guess is not None and guess[0] == grade.label:
-            turn, replies = guess[1], guess[2].items()
-        else:
-            turn = self._plan(grade.label, analysis, text)
-            replies = self._buyer.reply(turn)
-        self.speculated = guess is not None and guess[0] == grade.label
+                planned_turn = self._plan(self._predictor.read(text, context, focus), text)
+                guess = (planned_turn, _Prefetch(self._buyer.reply, planned_turn))
+            reading = pending.result()
+        turn = self._plan(reading, text)
+        agreed = guess is not None and _same_turn(guess[0], turn)
+        replies = guess[1].items() if guess is not None and agreed else self._buyer.reply(turn)
+        self.speculated = agreed
         state, reaction, planned = turn.state, turn.reaction, turn.planned
-        notice = None if grade.graded else grade.reason
+        notice = None if reading.graded else reading.reason
         parts: list[str] = []
         try:
             for delta in replies:
@@ -130,13 +128,14 @@ class PracticeSession:
             notice = BUYER_FALLBACK_NOTICE[self.language].format(error=exc)
             parts = [planned]
         buyer_text = "".join(parts).strip() or planned
-        result = TurnResult(state.turn, text, grade, buyer_text, state, reaction, notice)
+        result = TurnResult(state.turn, text, reading, buyer_text, state, reaction, notice)
         if self._writer is not None:
             self._writer.append(
                 Turn(
-                    turn=result.turn, rep=text, label=grade.label, reason=grade.reason,
-                    better_question=grade.better_question, buyer=buyer_text, state=state.to_json(),
-                    reaction=reaction.to_json(), notice=notice,
+                    turn=result.turn, rep=text, label=reading.label, reason=reading.reason,
+                    better_question=reading.better_question, buyer=buyer_text, state=state.to_json(),
+                    reaction=reaction.to_json(), notice=notice, move=reading.move, topic=reading.topic,
+                    reader=reading.reader,
                 )
             )
         self.state = state
@@ -146,8 +145,8 @@ class PracticeSession:
             yield buyer_text
         yield result
 
-    def _plan(self, label: str | None, analysis: roleplay.Analysis, text: str) -> BuyerTurn:
-        state, reaction = roleplay.step(self.card, self.state, label, analysis)
+    def _plan(self, reading: Reading, text: str) -> BuyerTurn:
+        state, reaction = roleplay.step(self.card, self.state, reading)
         state, planned = roleplay.speak(self.card, state, reaction, self.language)
         return BuyerTurn(self.card, state, reaction, planned, text, tuple(self.history), self.language)
 
@@ -161,6 +160,11 @@ class PracticeSession:
             self.state = replace(self.state, outcome=roleplay.unfinished_outcome(self.state))
         self.close()
         return self.state
+
+
+def _same_turn(guess: BuyerTurn, actual: BuyerTurn) -> bool:
+    """A guessed reply may stand when the real reading leads to the very same reaction and state."""
+    return guess.reaction == actual.reaction and guess.state == actual.state
 
 
 class _Prefetch:

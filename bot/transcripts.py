@@ -43,6 +43,9 @@ class Turn(BaseModel):
     state: dict[str, Any]
     reaction: dict[str, Any] = Field(default_factory=dict)
     notice: str | None = None
+    move: str | None = None
+    topic: str | None = None
+    reader: str | None = None
 
 
 class Transcript(BaseModel):

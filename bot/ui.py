@@ -101,11 +101,11 @@ def _scenario_choices() -> list[tuple[str, str]]:
 
 def rep_message(result: TurnResult, ui: Language) -> str:
     """The rep's line with its S/P/I/N/O badge; reason and better question fold out on demand."""
-    label = result.grade.label or "?"
-    name = LABEL_NAMES[ui][result.grade.label] if result.grade.label else "?"
-    details = f"{html.escape(result.grade.reason)}"
-    if result.grade.better_question:
-        details += f"<br>{t('better', ui)}: {html.escape(result.grade.better_question)}"
+    label = result.reading.label or "?"
+    name = LABEL_NAMES[ui][result.reading.label] if result.reading.label else "?"
+    details = f"{html.escape(result.reading.reason)}"
+    if result.reading.better_question:
+        details += f"<br>{t('better', ui)}: {html.escape(result.reading.better_question)}"
     css_label = label if label in "SPINO" else "X"
     return (
         f'<span class="spin-badge spin-{css_label}" title="{name}">{label}</span>'

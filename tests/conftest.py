@@ -124,12 +124,12 @@ def free_port() -> int:
     return closed_port()
 
 
-# ---- Role-play fixtures: the trained offline grader, e5 analyzers per card, practice sessions. ----
+# ---- Role-play fixtures: the trained offline grader and move model, readers per card, practice sessions. ----
 
 if TYPE_CHECKING:
     from bot.buyer import Buyer
     from bot.grader import OfflineGrader
-    from bot.roleplay import Analyzer
+    from bot.reading import MoveModel, OfflineReader
     from bot.scenarios import Scenario
     from bot.session import PracticeSession
 
@@ -144,27 +144,34 @@ def offline_grader(tmp_path_factory: pytest.TempPathFactory) -> OfflineGrader:
 
 
 @pytest.fixture(scope="session")
-def card_analyzer() -> Callable[[Scenario], Analyzer]:
-    """Factory: the real Analyzer (bundled e5) for a card, built once per card per session."""
+def move_model(tmp_path_factory: pytest.TempPathFactory) -> MoveModel:
+    """The real move model (bundled e5), trained once per session into a temporary store."""
     from bot.knowledge import bundled_embeddings
-    from bot.roleplay import Analyzer
+    from bot.reading import load_or_train_moves
 
-    built: dict[str, Analyzer] = {}
+    return load_or_train_moves(bundled_embeddings(), tmp_path_factory.mktemp("move-store"))
 
-    def make(card: Scenario) -> Analyzer:
+
+@pytest.fixture(scope="session")
+def card_reader(offline_grader: OfflineGrader, move_model: MoveModel) -> Callable[[Scenario], OfflineReader]:
+    """Factory: the real OfflineReader (bundled e5) for a card; its topic matcher is built once per card."""
+    from bot.knowledge import bundled_embeddings
+    from bot.reading import OfflineReader, TopicMatcher
+
+    built: dict[str, TopicMatcher] = {}
+
+    def make(card: Scenario) -> OfflineReader:
         if card.id not in built:
-            built[card.id] = Analyzer(card, bundled_embeddings())
-        return built[card.id]
+            built[card.id] = TopicMatcher(card, bundled_embeddings())
+        return OfflineReader(card, offline_grader, move_model, built[card.id])
 
     return make
 
 
 @pytest.fixture
-def practice(
-    offline_grader: OfflineGrader, card_analyzer: Callable[[Scenario], Analyzer]
-) -> Callable[..., PracticeSession]:
+def practice(card_reader: Callable[[Scenario], OfflineReader]) -> Callable[..., PracticeSession]:
     """Factory: `practice("warehouse-extrinsic-01", "zh", buyer=None, transcript=None)` -> an offline
-    PracticeSession on the real grader and analyzer (the OfflineBuyer unless a buyer is given)."""
+    PracticeSession on the real reader (the OfflineBuyer unless a buyer is given)."""
     from bot import scenarios
     from bot.buyer import OfflineBuyer
     from bot.session import PracticeSession
@@ -175,7 +182,7 @@ def practice(
         card = scenarios.get(scenario_id)
         return PracticeSession(
             card, language,  # type: ignore[arg-type]
-            grader=offline_grader, buyer=buyer or OfflineBuyer(), analyzer=card_analyzer(card),
+            reader=card_reader(card), buyer=buyer or OfflineBuyer(),
             transcript=transcript, engine="offline" if buyer is None else "llm",
             model=getattr(buyer, "name", "offline"),
         )
@@ -188,7 +195,7 @@ def practice(
 
 @pytest.fixture(scope="session")
 def grader_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models/ folder holding the trained offline grader, as `OfflineGrader.load_or_train` stores it.
+    """A models/ folder holding the trained offline grader and move model, as spinbot stores them.
 
     Kept in pytest's cache between runs (keyed by the training fingerprint, so stale models are
     replaced); otherwise taken from the session's `offline_grader` instead of training a second time.
@@ -200,13 +207,21 @@ def grader_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
     cache = getattr(request.config, "cache", None)
     store = cache.mkdir("spinbot-grader-models") if cache is not None else tmp_path_factory.mktemp("grader-models")
-    path = store / f"offline-grader-{training_fingerprint(bundled_embeddings())}.joblib"
-    if not path.exists():
-        grader = request.getfixturevalue("offline_grader")
-        for old in store.glob("offline-grader-*.joblib"):
+    from bot.reading import move_fingerprint
+
+    stored = {
+        f"offline-grader-{training_fingerprint(bundled_embeddings())}.joblib": ("offline-grader", "offline_grader"),
+        f"move-model-{move_fingerprint(bundled_embeddings())}.joblib": ("move-model", "move_model"),
+    }
+    for name, (prefix, fixture) in stored.items():
+        path = store / name
+        if path.exists():
+            continue
+        model = request.getfixturevalue(fixture)
+        for old in store.glob(f"{prefix}-*.joblib"):
             old.unlink(missing_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        joblib.dump(grader._model, tmp)
+        joblib.dump(getattr(model, "_model", model), tmp)
         tmp.replace(path)
     return store
 
@@ -246,10 +261,12 @@ def llm_chat_home(chat_home: Path, knowledge_home: Path) -> Path:
 class ScriptedProvider:
     """A chat_handler for FakeOpenAIServer that answers by what a request is for, not by its order.
 
-    Grader requests get `{"label": labels.get(utterance, "O")}`; buyer requests speak the planned line
-    (the text inside <convey>); coach and debrief requests get fixed answers. `faults[kind]` (kind is
-    grader, buyer, coach or debrief) is a queue of replies served first, one per request (retries included);
-    `fail_on[text]` answers every grader or buyer request about that rep line with the given reply.
+    Grader requests get `{"label": labels.get(utterance, "O")}`, reader requests also a move
+    (`moves`, else question for S/P/I/N and summary for O) and a topic (`topics`, else "none");
+    buyer requests speak the planned line (the text inside <convey>); coach and debrief requests get
+    fixed answers. `faults[kind]` (kind is grader, buyer, coach or debrief) is a queue of replies served
+    first, one per request (retries included); `fail_on[text]` answers every grader or buyer request
+    about that rep line with the given reply.
     """
 
     COACH_ANSWER = "暗示问题追问难点带来的后果和影响[1]。"
@@ -261,6 +278,8 @@ class ScriptedProvider:
         from bot.testing import FakeReply
 
         self.labels: dict[str, str] = {}
+        self.moves: dict[str, str] = {}
+        self.topics: dict[str, str] = {}
         self.faults: dict[str, deque[str | FakeReply]] = {
             kind: deque() for kind in ("grader", "buyer", "coach", "debrief", "other")
         }
@@ -285,7 +304,7 @@ class ScriptedProvider:
         messages = body["messages"]
         assert isinstance(messages, list)
         system = self.content(messages[0]) if messages and messages[0]["role"] == "system" else ""
-        if system.startswith("You grade"):
+        if system.startswith(("You grade", "You read")):
             return "grader"
         if "<convey>" in system:
             return "buyer"
@@ -312,7 +331,11 @@ class ScriptedProvider:
             return self.fail_on[rep]
         if kind == "grader":
             label = self.labels.get(rep or "", "O")
-            return FakeReply(content=json.dumps({"label": label, "reason": f"scripted grade {label}"}))
+            reply: dict[str, object] = {"label": label, "reason": f"scripted grade {label}"}
+            if system.startswith("You read"):
+                reply["move"] = self.moves.get(rep or "", "summary" if label == "O" else "question")
+                reply["topic"] = self.topics.get(rep or "", "none")
+            return FakeReply(content=json.dumps(reply))
         if kind == "buyer":
             return self.between(system, "convey") or "嗯。"
         if kind == "coach":

@@ -38,7 +38,7 @@ def _saved_turns(path: Path) -> list[Any]:
 @pytest.fixture
 def saved_session(practice: Callable[..., PracticeSession], tmp_path: Path) -> PracticeSession:
     session = practice(WAREHOUSE, "zh", transcript=tmp_path / "calls" / "call.jsonl")
-    assert session.play(GOOD_LINE).grade.label == "S"
+    assert session.play(GOOD_LINE).reading.label == "S"
     return session
 
 

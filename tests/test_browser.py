@@ -76,7 +76,7 @@ def app(ui_settings: Settings) -> Iterator[App]:
     assert not runtime.index.ensure().built, "the index should have been copied into the home"
     runtime.offline_grader.grade("你们有多少员工？")  # loaded from home/models, not trained
     for card in (WAREHOUSE, HOSPITAL):
-        runtime.analyzer(scenarios.get(card))
+        runtime.offline_reader(scenarios.get(card))
     port = closed_port()
     blocks: gr.Blocks = bot.ui.build_app(runtime)
     with pytest.MonkeyPatch.context() as patch:

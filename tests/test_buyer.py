@@ -194,7 +194,7 @@ def test_llm_failure_during_a_turn_falls_back_to_the_planned_reply(
     session = practice(CARD, buyer=LLMBuyer(model), transcript=transcript)
     fake_server.enqueue(failure)
     result = session.play(PICK_ERRORS_P)
-    assert result.grade.label == "P" and result.reaction.kind == "implied"
+    assert result.reading.label == "P" and result.reaction.kind == "implied"
     assert result.buyer == card.problem("pick-errors").implied.zh  # the card's planned reply
     assert result.notice is not None and result.notice.startswith(BUYER_FALLBACK_NOTICE["zh"].split("（")[0])
     assert "\n" not in result.notice and "Traceback" not in result.notice and "sk-test" not in result.notice

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from typer.testing import CliRunner
 from bot import scenarios
 from bot.cli import app
 from bot.grader import OfflineGrader
+from bot.reading import OfflineReader
+from bot.scenarios import Scenario
 from bot.testing import FakeOpenAIServer
 from bot.transcripts import Transcript, TranscriptError, load
 
@@ -133,11 +136,12 @@ def _content(message: dict[str, Any]) -> str:
 
 
 class FakeProvider:
-    """Answers the LLM engine's requests: grades with the offline grader (same utterance, same context),
-    speaks the planned buyer line, writes a fixed debrief."""
+    """Answers the LLM engine's requests: reads with the offline reader (same utterance, context and
+    focus) and grades with the offline grader, speaks the planned buyer line, writes a fixed debrief."""
 
-    def __init__(self, grader: OfflineGrader) -> None:
+    def __init__(self, grader: OfflineGrader, reader: OfflineReader) -> None:
         self.grader = grader
+        self.reader = reader
         self.grades: list[tuple[str, str, str]] = []
         self.buyer_bodies: list[dict[str, Any]] = []
 
@@ -152,6 +156,14 @@ class FakeProvider:
             context = _tag(user, "context")
             assert utterance is not None and context is not None, user
             context = "" if context == "(none)" else context
+            if system.startswith("You read"):
+                focus = re.search(r"^Problem under discussion: ([\w-]+)", system, re.MULTILINE)
+                reading = self.reader.read(utterance, context, focus.group(1) if focus and
+                                           focus.group(1) != "none" else None)
+                assert reading.label is not None
+                self.grades.append((utterance, context, reading.label))
+                return json.dumps({"label": reading.label, "move": reading.move, "topic": reading.topic or "none",
+                                   "reason": "按离线分类器的判断。"}, ensure_ascii=False)
             label = self.grader.grade(utterance, context).label
             assert label is not None
             self.grades.append((utterance, context, label))
@@ -169,7 +181,7 @@ def _without_cursor(state: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.slow
 def test_offline_and_llm_engines_make_the_same_moves(
     llm_chat_home: Path, stored_grader: OfflineGrader, fake_server: FakeOpenAIServer,
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, card_reader: Callable[[Scenario], OfflineReader],
 ) -> None:
     script = _script(tmp_path, SCRIPT_ZH)
     offline = _chat("--lang", "zh", "--script", str(script), "--json", "-")
@@ -177,7 +189,7 @@ def test_offline_and_llm_engines_make_the_same_moves(
     off = json.loads(offline.stdout)
     assert off["header"]["engine"] == "offline"
 
-    provider = FakeProvider(stored_grader)
+    provider = FakeProvider(stored_grader, card_reader(scenarios.get(SCENARIO)))
     fake_server.chat_handler = provider
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("OPENAI_BASE_URL", fake_server.base_url)

@@ -41,7 +41,7 @@ def scripted_call(practice: Callable[..., PracticeSession]) -> PracticeSession:
     session = practice(CARD)
     for text, label, kind in SCRIPT:
         result = session.play(text)
-        assert (result.grade.label, result.reaction.kind) == (label, kind), text
+        assert (result.reading.label, result.reaction.kind) == (label, kind), text
     assert session.state.outcome == "Advance"
     return session
 

@@ -22,12 +22,10 @@ from bot import scenarios
 from bot.buyer import LLMBuyer
 from bot.coach import Coach
 from bot.config import Settings
-from bot.grader import LLMGrader
 from bot.knowledge import Passage
 from bot.llm import LLMConnectionError, LLMError, LLMServerError, LLMTimeoutError, OpenAIChatModel
-from bot.roleplay import Analyzer
+from bot.reading import LLMReader
 from bot.runtime import Runtime
-from bot.scenarios import Scenario
 from bot.session import BUYER_FALLBACK_NOTICE, PracticeSession, TurnResult
 from bot.testing import FakeOpenAIServer, FakeReply, closed_port
 from bot.transcripts import load
@@ -38,6 +36,7 @@ SITUATION = "你们仓库有多大，多少员工？"
 PROBLEM = "你们现在拣货的时候，拣错货、发错货的情况多吗？"
 IMPLICATION = "那这些错发漏发对你们的成本有什么影响？"
 LABELS = {SITUATION: "S", PROBLEM: "P", IMPLICATION: "I"}
+TOPICS = {SITUATION: "scale", PROBLEM: "pick-errors", IMPLICATION: "pick-errors"}
 FAST = {"retry-after-ms": "10"}  # the openai client waits 10 ms before retrying
 
 
@@ -63,15 +62,13 @@ class Switchable:
 
 
 @pytest.fixture
-def llm_session(
-    card_analyzer: Callable[[Scenario], Analyzer], tmp_path: Path
-) -> Callable[[Any], PracticeSession]:
-    """Factory: a PracticeSession on the LLM engine (LLMGrader + LLMBuyer over one model), saved to disk."""
+def llm_session(tmp_path: Path) -> Callable[[Any], PracticeSession]:
+    """Factory: a PracticeSession on the LLM engine (LLMReader + LLMBuyer over one model), saved to disk."""
 
     def make(model: Any) -> PracticeSession:
         card = scenarios.get(WAREHOUSE)
         return PracticeSession(
-            card, "zh", grader=LLMGrader(model), buyer=LLMBuyer(model), analyzer=card_analyzer(card),
+            card, "zh", reader=LLMReader(card, model), buyer=LLMBuyer(model),
             transcript=tmp_path / "calls" / "call.jsonl", engine="llm", model=model.name,
         )
 
@@ -103,13 +100,13 @@ def assert_saved(session: PracticeSession) -> None:
     saved = load(session.transcript_path)
     assert saved.header.engine == "llm"
     assert [(t.turn, t.rep, t.label, t.buyer, t.notice) for t in saved.turns] == [
-        (r.turn, r.rep, r.grade.label, r.buyer, r.notice) for r in session.results
+        (r.turn, r.rep, r.reading.label, r.buyer, r.notice) for r in session.results
     ]
     assert KEY not in session.transcript_path.read_text(encoding="utf-8")
 
 
 def assert_normal(result: TurnResult, label: str) -> None:
-    assert result.grade.label == label and result.notice is None
+    assert result.reading.label == label and result.notice is None
 
 
 def error(status: int, **headers: str) -> FakeReply:
@@ -159,6 +156,7 @@ def test_a_fault_leaves_the_turn_complete_and_the_call_going(
     provider: Any,
 ) -> None:
     provider.labels.update(LABELS)
+    provider.topics.update(TOPICS)
     session = llm_session(chat_model(fake_server.base_url, max_retries=RETRIES))
     card = session.card
 
@@ -173,11 +171,11 @@ def test_a_fault_leaves_the_turn_complete_and_the_call_going(
     assert all(not queue for queue in provider.faults.values()), "every scripted fault was requested"
     assert result.turn == 2
     if graded:
-        assert result.grade.label == "P"
+        assert result.reading.label == "P"
         assert result.reaction.unlocked == ("implied:pick-errors",)
     else:
         # Ungraded: the state machine unlocks nothing rather than guess.
-        assert result.grade.label is None and result.grade.reason.startswith("ungraded: ")
+        assert result.reading.label is None and result.reading.reason.startswith("ungraded: ")
         assert result.reaction.kind == "vague" and result.reaction.unlocked == ()
         assert session.state.implied == ()
     if fallback:
@@ -217,12 +215,13 @@ def test_timeouts_leave_the_turn_ungraded_with_the_cards_reply(
     llm_session: Callable[[Any], PracticeSession], fake_server: FakeOpenAIServer, provider: Any,
 ) -> None:
     provider.labels.update(LABELS)
+    provider.topics.update(TOPICS)
     # A short timeout and one retry keep this test at a few seconds.
     session = llm_session(chat_model(fake_server.base_url, timeout=0.5, max_retries=1))
     provider.faults["grader"].extend([FakeReply(content="{}", delay=1.2)] * 2)
     provider.faults["buyer"].extend([FakeReply(content="嗯。", delay=1.2)] * 2)
     result = play(session, PROBLEM)[1]
-    assert result.grade.label is None and "0.5 s timeout" in result.grade.reason
+    assert result.reading.label is None and "0.5 s timeout" in result.reading.reason
     assert result.reaction.unlocked == () and session.state.implied == ()
     assert result.buyer in {t.zh for t in session.card.lines["vague"]}
     assert_plain(result.notice)
@@ -236,10 +235,11 @@ def test_connection_refused_then_the_server_comes_back(
     llm_session: Callable[[Any], PracticeSession], fake_server: FakeOpenAIServer, provider: Any,
 ) -> None:
     provider.labels.update(LABELS)
+    provider.topics.update(TOPICS)
     model = Switchable(chat_model(f"http://127.0.0.1:{closed_port()}/v1", max_retries=1))
     session = llm_session(model)
     result = play(session, PROBLEM)[1]
-    assert result.grade.label is None and "Could not reach the model server" in result.grade.reason
+    assert result.reading.label is None and "Could not reach the model server" in result.reading.reason
     assert result.reaction.unlocked == ()
     assert result.buyer in {t.zh for t in session.card.lines["vague"]}
     assert_plain(result.notice)
@@ -258,11 +258,12 @@ def test_a_killed_server_mid_call_keeps_every_completed_turn(
     server = FakeOpenAIServer().start()
     server.chat_handler = provider  # type: ignore[assignment]
     provider.labels.update(LABELS)
+    provider.topics.update(TOPICS)
     session = llm_session(chat_model(server.base_url, max_retries=0))
     assert_normal(play(session, SITUATION)[1], "S")
     server.stop()
     result = play(session, PROBLEM)[1]
-    assert result.grade.label is None
+    assert result.reading.label is None
     assert_plain(result.notice)
     assert_saved(session)
     assert len(load(session.transcript_path).turns) == 2  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from bot.testing import FakeOpenAIServer, FakeReply
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DEV = REPO.parent / "shared" / "data" / "spin-dev.jsonl"
 HARD_CASES = sorted((REPO / "evals" / "data").glob("hard-cases-*.jsonl"))
+EXTERNAL_TEST = sorted((REPO / "evals" / "data" / "external").glob("test-*.jsonl"))
 
 
 @pytest.fixture(scope="session")
@@ -181,8 +182,10 @@ def test_dev_set_never_leaks_into_training() -> None:
     dev = {norm(i.utterance) for i in read_jsonl(SHARED_DEV, LabelledUtterance)}
     training = {norm(i.utterance) for i in load_training_set(TRAIN_DIR)}
     held_out = {norm(i.utterance) for p in HARD_CASES for i in read_jsonl(p, LabelledUtterance)}
-    assert not dev & training
+    external = {norm(i.utterance) for p in EXTERNAL_TEST for i in read_jsonl(p, LabelledUtterance)}
+    assert EXTERNAL_TEST and not dev & training
     assert not held_out & training
+    assert not external & training, "a held-out external question is in the training data"
 
 
 # --- metrics --------------------------------------------------------------------------------------

@@ -29,6 +29,15 @@ SAMPLE_VALUES: dict[str, dict[str, object]] = {
         "reason_language": "English",
         "utterance": "How does a wrong stock count affect your delivery times?",
     },
+    "reader": {
+        "context": "buyer: We run three warehouses and stock counts are often wrong.",
+        "focus": "stock-counts: stock counts that do not match the shelves",
+        "moves": "- question: any question about the buyer's business\n- rapport: small talk",
+        "reason_language": "English",
+        "topics": "- sites (fact): number of warehouses / 仓库数量\n"
+        "- stock-counts (problem): wrong stock counts / 盘点不准",
+        "utterance": "How does a wrong stock count affect your delivery times?",
+    },
     "buyer": {
         "buyer_name": "Manager Zhou",
         "buyer_role": "Head of warehouse operations",

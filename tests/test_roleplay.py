@@ -1,7 +1,7 @@
-"""The scenario state machine: unit rules on hand-built analyses, then scripted calls through the real pipeline.
+"""The scenario state machine: unit rules on hand-built readings, then scripted calls through the real pipeline.
 
-The scripted calls run a PracticeSession on the trained offline grader and the bundled-e5 Analyzer, for
-every built-in card (each value type twice). Every label a rule depends on is asserted, so a grader
+The scripted calls run a PracticeSession on the trained offline reader (label, move and topic on the
+bundled e5), for every built-in card (each value type twice). Every label a rule depends on is asserted, so a grader
 regression shows as a failed label rather than as a silently different rule.
 """
 
@@ -14,7 +14,9 @@ import pytest
 
 from bot import roleplay, scenarios
 from bot.buyer import LLMBuyer
+from bot.grader import Label
 from bot.llm import OpenAIChatModel
+from bot.reading import Move, Reading
 from bot.roleplay import (
     IMPATIENCE_PENALTY,
     INJECTION_PENALTY,
@@ -23,9 +25,7 @@ from bot.roleplay import (
     RAPPORT_GAIN,
     RAPPORT_MAX,
     RULES,
-    Analysis,
     CallState,
-    Move,
 )
 from bot.scenarios import Scenario
 from bot.session import PracticeSession, TurnResult
@@ -34,26 +34,18 @@ from bot.testing import FakeOpenAIServer, locked_texts
 WAREHOUSE = "warehouse-extrinsic-01"
 
 # --------------------------------------------------------------------------------------------------
-# Unit rules: roleplay.step on hand-built Analysis objects (deterministic, no embeddings)
+# Unit rules: roleplay.step on hand-built Readings (deterministic, no embeddings)
 
-HIGH, LOW = 0.9, 0.5
-
-
-def analysis(
-    card: Scenario,
+def reading(
+    label: Label | None,
     move: Move = "question",
     *,
     fact: str | None = None,
     problem: str | None = None,
-    scores: dict[str, float] | None = None,
     injection: bool = False,
-) -> Analysis:
-    """An analysis scoring `fact`/`problem` HIGH and everything else LOW (or the given scores)."""
-    scores = scores or {}
-    facts = {f.id: scores.get(f.id, HIGH if f.id == fact else LOW) for f in card.facts}
-    problems = {p.id: scores.get(p.id, HIGH if p.id == problem else LOW) for p in card.problems}
-    return Analysis(move="injection" if injection else move, injection=injection, fact_scores=facts,
-                    problem_scores=problems)
+) -> Reading:
+    """A reading of a line with this label and move about `fact` or `problem` (or no topic)."""
+    return Reading(label, "injection" if injection else move, fact or problem, "test")
 
 
 @pytest.fixture
@@ -78,12 +70,12 @@ def test_start_uses_the_difficulty_trust(card: Scenario) -> None:
 
 def test_situation_reveals_a_fact_once(card: Scenario) -> None:
     state = roleplay.start(card)
-    state, reaction = roleplay.step(card, state, "S", analysis(card, fact="scale"))
+    state, reaction = roleplay.step(card, state, reading("S", fact="scale"))
     assert reaction.kind == "fact" and reaction.disclosure == card.fact("scale").reply
     assert reaction.unlocked == ("fact:scale",) and state.facts == ("scale",)
-    state, reaction = roleplay.step(card, state, "S", analysis(card, fact="scale"))
+    state, reaction = roleplay.step(card, state, reading("S", fact="scale"))
     assert reaction.kind == "nothing_more" and state.facts == ("scale",)
-    state, reaction = roleplay.step(card, state, "S", analysis(card))  # about none of the topics
+    state, reaction = roleplay.step(card, state, reading("S"))  # about none of the topics
     assert reaction.kind == "vague" and reaction.disclosure is None
     assert state.counts["S"] == 3 and state.turn == 3
 
@@ -95,17 +87,17 @@ def test_too_many_situation_questions_in_a_row_make_the_buyer_impatient(card: Sc
     state = roleplay.start(card)
     facts = [f.id for f in card.facts]
     for n in range(limit):
-        state, reaction = roleplay.step(card, state, "S", analysis(card, fact=facts[n % len(facts)]))
+        state, reaction = roleplay.step(card, state, reading("S", fact=facts[n % len(facts)]))
         assert reaction.kind in ("fact", "nothing_more"), f"S question {n + 1} of {limit}"
     trust = state.trust
-    state, reaction = roleplay.step(card, state, "S", analysis(card, fact=facts[-1]))
+    state, reaction = roleplay.step(card, state, reading("S", fact=facts[-1]))
     assert reaction.kind == "impatient" and state.situation_streak == limit + 1
     assert state.trust == pytest.approx(trust - IMPATIENCE_PENALTY)
     assert len(state.facts) == min(limit, len(facts))  # the impatient turn unlocked nothing
     # Any other question breaks the streak.
-    state, _ = roleplay.step(card, state, "O", analysis(card, "other"))
+    state, _ = roleplay.step(card, state, reading("O", "summary"))
     assert state.situation_streak == 0
-    state, reaction = roleplay.step(card, state, "S", analysis(card, fact=facts[0]))
+    state, reaction = roleplay.step(card, state, reading("S", fact=facts[0]))
     assert reaction.kind != "impatient"
 
 
@@ -116,7 +108,7 @@ def test_stricter_difficulty_tolerates_fewer_situation_questions() -> None:
 
 def test_problem_below_trust_threshold_is_not_yet(card: Scenario) -> None:
     state = replace(roleplay.start(card), trust=RULES["normal"].problem_trust - 0.01)
-    state, reaction = roleplay.step(card, state, "P", analysis(card, problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("P", problem="pick-errors"))
     assert reaction.kind == "not_yet" and reaction.topic == "pick-errors" and reaction.disclosure is None
     assert state.implied == () and state.focus is None
 
@@ -124,78 +116,70 @@ def test_problem_below_trust_threshold_is_not_yet(card: Scenario) -> None:
 def test_hard_buyer_needs_rapport_before_admitting_a_problem(card: Scenario) -> None:
     card = with_difficulty(card, "hard")
     state = roleplay.start(card)
-    _, reaction = roleplay.step(card, state, "P", analysis(card, problem="walking"))
+    _, reaction = roleplay.step(card, state, reading("P", problem="walking"))
     assert reaction.kind == "not_yet"
-    state, reaction = roleplay.step(card, state, "O", analysis(card, "rapport"))
+    state, reaction = roleplay.step(card, state, reading("O", "rapport"))
     assert reaction.kind == "rapport" and state.trust == pytest.approx(RULES["hard"].start_trust + RAPPORT_GAIN)
-    state, reaction = roleplay.step(card, state, "P", analysis(card, problem="walking"))
+    state, reaction = roleplay.step(card, state, reading("P", problem="walking"))
     assert reaction.kind == "implied" and state.implied == ("walking",)
 
 
 def test_problem_reveals_the_implied_need_once(card: Scenario) -> None:
     state = roleplay.start(card)
-    state, reaction = roleplay.step(card, state, "P", analysis(card, problem="walking"))
+    state, reaction = roleplay.step(card, state, reading("P", problem="walking"))
     assert reaction.kind == "implied" and reaction.disclosure == card.problem("walking").implied
     assert state.implied == ("walking",) and state.focus == "walking"
     assert state.trust == pytest.approx(RULES["normal"].start_trust + PROGRESS_GAIN)
-    state, reaction = roleplay.step(card, state, "P", analysis(card, problem="walking"))
+    state, reaction = roleplay.step(card, state, reading("P", problem="walking"))
     assert reaction.kind == "nothing_more" and state.implied == ("walking",)
-    _, reaction = roleplay.step(card, state, "P", analysis(card))
+    _, reaction = roleplay.step(card, state, reading("P"))
     assert reaction.kind == "vague"
 
 
 def test_implication_before_its_problem_unlocks_nothing(card: Scenario) -> None:
     state = roleplay.start(card)
-    state, reaction = roleplay.step(card, state, "I", analysis(card, problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
     assert reaction.kind == "not_yet" and unlocked(state) == ((), (), {}, ())
     # Another problem revealed does not open this one's consequences either.
-    state, _ = roleplay.step(card, state, "P", analysis(card, problem="walking"))
-    state, reaction = roleplay.step(card, state, "I", analysis(card, problem="pick-errors"))
+    state, _ = roleplay.step(card, state, reading("P", problem="walking"))
+    state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
     assert reaction.kind == "not_yet" and state.implications == {}
 
 
 def test_implications_unlock_one_by_one_after_the_problem(card: Scenario) -> None:
     problem = card.problem("pick-errors")
-    state, _ = roleplay.step(card, roleplay.start(card), "P", analysis(card, problem="pick-errors"))
+    state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="pick-errors"))
     for n, implication in enumerate(problem.implications, start=1):
-        state, reaction = roleplay.step(card, state, "I", analysis(card, problem="pick-errors"))
+        state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
         assert reaction.kind == "implication" and reaction.disclosure == implication
         assert reaction.unlocked == (f"implication:pick-errors:{n}",) and state.implications == {"pick-errors": n}
-    state, reaction = roleplay.step(card, state, "I", analysis(card, problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
     assert reaction.kind == "nothing_more" and state.implications == {"pick-errors": len(problem.implications)}
-
-
-def test_follow_up_stays_on_the_problem_in_focus(card: Scenario) -> None:
-    state, _ = roleplay.step(card, roleplay.start(card), "P", analysis(card, problem="walking"))
-    # A generic "and what does that cost you?" scores all problems alike: it follows the focus.
-    close = {"pick-errors": 0.83, "walking": 0.81, "temp-training": 0.82}
-    state, reaction = roleplay.step(card, state, "I", analysis(card, scores=close))
-    assert reaction.kind == "implication" and reaction.topic == "walking"
 
 
 def test_need_payoff_before_any_problem_unlocks_nothing(card: Scenario) -> None:
     state = roleplay.start(card)
-    state, reaction = roleplay.step(card, state, "N", analysis(card, problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("N", problem="pick-errors"))
     assert reaction.kind == "premature_payoff" and reaction.disclosure is None
     assert unlocked(state) == ((), (), {}, ())
 
 
 def test_need_payoff_needs_the_problem_and_an_implication(card: Scenario) -> None:
-    state, _ = roleplay.step(card, roleplay.start(card), "P", analysis(card, problem="pick-errors"))
-    state, reaction = roleplay.step(card, state, "N", analysis(card, problem="pick-errors"))
+    state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("N", problem="pick-errors"))
     assert reaction.kind == "premature_payoff" and state.explicit == ()
-    state, _ = roleplay.step(card, state, "I", analysis(card, problem="pick-errors"))
-    state, reaction = roleplay.step(card, state, "N", analysis(card, problem="pick-errors"))
+    state, _ = roleplay.step(card, state, reading("I", problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("N", problem="pick-errors"))
     assert reaction.kind == "explicit" and reaction.disclosure == card.problem("pick-errors").need_payoff
     assert state.explicit == ("pick-errors",)
-    state, reaction = roleplay.step(card, state, "N", analysis(card, problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("N", problem="pick-errors"))
     assert reaction.kind == "nothing_more" and state.explicit == ("pick-errors",)
 
 
 def develop(card: Scenario, state: CallState, problem_id: str) -> CallState:
     """P, I, N on one problem: an explicit need."""
     for label in "PIN":
-        state, _ = roleplay.step(card, state, label, analysis(card, problem=problem_id))
+        state, _ = roleplay.step(card, state, reading(label, problem=problem_id))
     assert problem_id in state.explicit
     return state
 
@@ -204,7 +188,7 @@ def test_pitch_before_an_explicit_need_draws_objections_and_costs_trust(card: Sc
     state = roleplay.start(card)
     for n in range(1, len(card.objections) + 2):
         trust = state.trust
-        state, reaction = roleplay.step(card, state, "O", analysis(card, "pitch"))
+        state, reaction = roleplay.step(card, state, reading("O", "pitch"))
         assert reaction.kind == "objection"
         assert reaction.disclosure == card.objections[(n - 1) % len(card.objections)]  # they rotate
         assert state.trust == pytest.approx(max(0.0, trust - PITCH_PENALTY))
@@ -214,7 +198,7 @@ def test_pitch_before_an_explicit_need_draws_objections_and_costs_trust(card: Sc
 def test_pitch_after_an_explicit_need_is_a_benefit(card: Scenario) -> None:
     state = develop(card, roleplay.start(card), "walking")
     trust = state.trust
-    state, reaction = roleplay.step(card, state, "O", analysis(card, "pitch"))
+    state, reaction = roleplay.step(card, state, reading("O", "pitch"))
     assert reaction.kind == "benefit" and state.trust == trust and state.premature_pitches == 0
 
 
@@ -236,10 +220,10 @@ def test_commitment_outcome(card: Scenario, needs: int, setup: str, outcome: str
         for problem_id in ["pick-errors", "walking"][: int(setup[-1])]:
             state = develop(card, state, problem_id)
     elif setup.startswith("implied"):
-        state, _ = roleplay.step(card, state, "P", analysis(card, problem="walking"))
+        state, _ = roleplay.step(card, state, reading("P", problem="walking"))
         if setup.endswith("pitch"):
-            state, _ = roleplay.step(card, state, "O", analysis(card, "pitch"))
-    state, reaction = roleplay.step(card, state, "O", analysis(card, "commitment"))
+            state, _ = roleplay.step(card, state, reading("O", "pitch"))
+    state, reaction = roleplay.step(card, state, reading("O", "commitment"))
     assert state.outcome == outcome and state.ended
     expected = {"Advance": card.advance.yes, "Continuation": card.advance.continuation,
                 "No-sale": card.advance.no_sale}[outcome]
@@ -248,15 +232,15 @@ def test_commitment_outcome(card: Scenario, needs: int, setup: str, outcome: str
 
 def test_no_need_buyer_with_only_implied_needs_says_no(card: Scenario) -> None:
     card = card.model_copy(update={"need_state": "no_need"})
-    state, _ = roleplay.step(card, roleplay.start(card), "P", analysis(card, problem="walking"))
-    state, _ = roleplay.step(card, state, "O", analysis(card, "commitment"))
+    state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="walking"))
+    state, _ = roleplay.step(card, state, reading("O", "commitment"))
     assert state.outcome == "No-sale"
 
 
 def test_rapport_raises_trust_up_to_a_cap(card: Scenario) -> None:
     state = roleplay.start(card)
     for _ in range(RAPPORT_MAX + 2):
-        state, reaction = roleplay.step(card, state, "O", analysis(card, "rapport"))
+        state, reaction = roleplay.step(card, state, reading("O", "rapport"))
         assert reaction.kind == "rapport"
     assert state.rapport_moves == RAPPORT_MAX
     assert state.trust == pytest.approx(RULES["normal"].start_trust + RAPPORT_MAX * RAPPORT_GAIN)
@@ -264,44 +248,44 @@ def test_rapport_raises_trust_up_to_a_cap(card: Scenario) -> None:
 
 def test_rapport_question_labelled_situation_is_heard_as_rapport(card: Scenario) -> None:
     # Rule 7 of the coding guide: "are you from Henan too?" is O, even if a grader says S.
-    state, reaction = roleplay.step(card, roleplay.start(card), "S", analysis(card, "rapport", fact="scale"))
+    state, reaction = roleplay.step(card, roleplay.start(card), reading("S", "rapport", fact="scale"))
     assert reaction.kind == "rapport" and state.facts == ()
 
 
 def test_greeting_and_other_moves_unlock_nothing(card: Scenario) -> None:
-    state, reaction = roleplay.step(card, roleplay.start(card), "O", analysis(card, "greeting"))
+    state, reaction = roleplay.step(card, roleplay.start(card), reading("O", "greeting"))
     assert reaction.kind == "greeting"
-    state, reaction = roleplay.step(card, state, "O", analysis(card, "other", problem="walking"))
+    state, reaction = roleplay.step(card, state, reading("O", "summary", problem="walking"))
     assert reaction.kind == "ack" and unlocked(state) == ((), (), {}, ())
 
 
 @pytest.mark.parametrize("label", ["S", "P", "I", "N", "O", None])
 def test_injection_unlocks_nothing_whatever_the_label(card: Scenario, label: str | None) -> None:
-    state, _ = roleplay.step(card, roleplay.start(card), "P", analysis(card, problem="walking"))
+    state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="walking"))
     before = unlocked(state)
     trust = state.trust
-    state, reaction = roleplay.step(card, state, label, analysis(card, problem="pick-errors", fact="scale",
+    state, reaction = roleplay.step(card, state, reading(label, problem="pick-errors", fact="scale",
                                                                injection=True))
     assert reaction.kind == "deflect" and reaction.disclosure is None and reaction.unlocked == ()
     assert unlocked(state) == before and state.trust == pytest.approx(trust - INJECTION_PENALTY)
 
 
 def test_ungraded_utterance_unlocks_nothing(card: Scenario) -> None:
-    state, _ = roleplay.step(card, roleplay.start(card), "P", analysis(card, problem="walking"))
+    state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="walking"))
     counts = dict(state.counts)
     for move, kw in (("question", {"problem": "walking"}), ("commitment", {}), ("pitch", {}), ("question",
                                                                                              {"fact": "scale"})):
-        new, reaction = roleplay.step(card, state, None, analysis(card, move, **kw))  # type: ignore[arg-type]
+        new, reaction = roleplay.step(card, state, reading(None, move, **kw))  # type: ignore[arg-type]
         assert reaction.kind == "vague" and reaction.unlocked == ()
         assert unlocked(new) == unlocked(state) and new.trust == state.trust and not new.ended
         assert new.counts == counts and new.turn == state.turn + 1
 
 
 def test_an_ended_call_raises(card: Scenario) -> None:
-    state, _ = roleplay.step(card, roleplay.start(card), "O", analysis(card, "commitment"))
+    state, _ = roleplay.step(card, roleplay.start(card), reading("O", "commitment"))
     assert state.ended
     with pytest.raises(ValueError, match="ended"):
-        roleplay.step(card, state, "P", analysis(card, problem="walking"))
+        roleplay.step(card, state, reading("P", problem="walking"))
 
 
 def test_speak_rotates_stock_lines_and_says_disclosures_verbatim(card: Scenario) -> None:
@@ -324,7 +308,7 @@ def test_call_state_json_round_trip(card: Scenario) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Scripted calls through the real pipeline (trained grader + e5 Analyzer + OfflineBuyer)
+# Scripted calls through the real pipeline (trained OfflineReader + OfflineBuyer)
 
 
 @dataclass(frozen=True)
@@ -449,7 +433,7 @@ def player(session: PracticeSession) -> Play:
     def say(text: str, label: str | None) -> TurnResult:
         result = session.play(text)
         if label is not None:
-            assert result.grade.label == label, f"grader labelled {text!r} {result.grade.label}, expected {label}"
+            assert result.reading.label == label, f"grader labelled {text!r} {result.reading.label}, expected {label}"
         return result
 
     return say
@@ -664,11 +648,6 @@ def test_injection_prompt_to_the_llm_buyer_holds_no_locked_fact(
     fake_server.assert_complete()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: roleplay.TOPIC_FLOOR (0.78) is below bundled e5's similarity for off-topic questions "
-    "(~0.82-0.87), so an off-topic Situation question still unlocks the nearest fact",
-)
 def test_off_topic_situation_question_unlocks_nothing(practice: Callable[..., PracticeSession]) -> None:
     session = practice(WAREHOUSE)
     result = player(session)("你们老板平时几点上班？", "S")

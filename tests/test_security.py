@@ -18,10 +18,10 @@ from bot.buyer import LLMBuyer
 from bot.cli import app
 from bot.coach import NOT_COVERED, Coach
 from bot.config import ConfigError, Settings
-from bot.grader import LLMGrader
 from bot.knowledge import KnowledgeIndex
 from bot.llm import OpenAIChatModel
-from bot.roleplay import Analyzer, CallState
+from bot.reading import LLMReader, OfflineReader
+from bot.roleplay import CallState
 from bot.runtime import Runtime
 from bot.scenarios import Scenario
 from bot.session import PracticeSession
@@ -292,13 +292,16 @@ def _inside(text: str, tag: str) -> str:
 
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_llm_buyer_fences_the_attack_and_sees_no_locked_text(
-    attack: str, fake_server: FakeOpenAIServer, provider: Any, card_analyzer: Callable[[Scenario], Analyzer],
+    attack: str, fake_server: FakeOpenAIServer, provider: Any, card_reader: Callable[[Scenario], OfflineReader],
 ) -> None:
     card = scenarios.get(WAREHOUSE)
     model = OpenAIChatModel("fake-model", api_key=KEY, base_url=fake_server.base_url, timeout=5, max_retries=0)
-    session = PracticeSession(card, "zh", grader=LLMGrader(model), buyer=LLMBuyer(model),
-                              analyzer=card_analyzer(card), transcript=None, engine="llm", model="fake-model")
-    provider.labels[attack] = "P"  # even a fooled grader must not unlock anything
+    offline = card_reader(card)
+    reader = LLMReader(card, model, lambda text: offline.read_move(text) == "injection")
+    session = PracticeSession(card, "zh", reader=reader, buyer=LLMBuyer(model),
+                              transcript=None, engine="llm", model="fake-model")
+    # Even a fooled reader (a problem question on a real topic) must not unlock anything.
+    provider.labels[attack], provider.topics[attack] = "P", "pick-errors"
     result = session.play(attack)
     assert result.reaction.unlocked == () and unlocked(session.state) == ((), (), {}, ())
 

@@ -14,34 +14,37 @@ from typer.testing import CliRunner
 from bot import roleplay, scenarios
 from bot.buyer import LLMBuyer, OfflineBuyer
 from bot.cli import app
-from bot.grader import Grade, Label
-from bot.roleplay import Analyzer, CallState
+from bot.grader import Label
+from bot.reading import Reading
+from bot.roleplay import CallState
 from bot.session import PracticeSession, TurnResult
-from bot.testing import FakeChatModel, FakeEmbeddingModel
+from bot.testing import FakeChatModel
 from bot.transcripts import Header, TranscriptError, TranscriptWriter, Turn, header_now, load, load_many
 
 SCENARIO = "warehouse-extrinsic-01"
 
 
-class ScriptedGrader:
-    """Gives the labels it is told, in order; records the (utterance, context) pairs it saw."""
+class ScriptedReader:
+    """Gives the labels it is told, in order (about no topic); records the (utterance, context) pairs it saw."""
 
     name = "scripted"
 
     def __init__(self, labels: Sequence[Label]) -> None:
         self._labels = list(labels)
         self.seen: list[tuple[str, str]] = []
+        self.card = scenarios.get(SCENARIO)
 
-    def grade(self, utterance: str, context: str = "") -> Grade:
+    def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading:
         self.seen.append((utterance, context))
-        return Grade(self._labels.pop(0), "scripted reason", grader=self.name)
+        label = self._labels.pop(0)
+        return Reading(label, "summary" if label == "O" else "question", None, "scripted reason", reader=self.name)
 
 
 def _session(path: Path, labels: Sequence[Label], *, buyer: object | None = None) -> PracticeSession:
     card = scenarios.get(SCENARIO)
     return PracticeSession(
-        card, "zh", grader=ScriptedGrader(labels), buyer=buyer or OfflineBuyer(),  # type: ignore[arg-type]
-        analyzer=Analyzer(card, FakeEmbeddingModel()), transcript=path, engine="offline", model="offline",
+        card, "zh", reader=ScriptedReader(labels), buyer=buyer or OfflineBuyer(),  # type: ignore[arg-type]
+        transcript=path, engine="offline", model="offline",
     )
 
 

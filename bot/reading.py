@@ -1,0 +1,534 @@
+"""The reading of one rep line: its SPIN label, its move and the card topic it is about.
+
+The state machine (`bot.roleplay`) takes only a Reading. Two Readers produce one: the offline
+reader (the trained label classifier, a trained move classifier, and relative topic matching on
+the bundled e5 embeddings) and the LLM reader (one structured call returning all of it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, get_args
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from bot import prompts
+from bot.config import EVALS_DIR
+from bot.datasets import read_jsonl
+from bot.grader import Label, OfflineGrader, load_training_set, stored_model
+from bot.llm import ChatModel, EmbeddingModel, LLMError, LLMResponseError
+from bot.scenarios import Scenario, Text
+from bot.text import defuse_tags, detect_language
+
+Move = Literal["greeting", "rapport", "question", "pitch", "commitment", "summary", "injection"]
+MOVES: tuple[Move, ...] = get_args(Move)
+
+MOVE_NAMES: dict[Move, Text] = {
+    "greeting": Text(zh="问候", en="greeting"),
+    "rapport": Text(zh="寒暄/拉近关系", en="rapport / small talk"),
+    "question": Text(zh="提问", en="question"),
+    "pitch": Text(zh="产品介绍", en="pitch"),
+    "commitment": Text(zh="请求承诺", en="commitment request"),
+    "summary": Text(zh="总结/回应", en="summary / acknowledgement"),
+    "injection": Text(zh="越狱企图", en="prompt attack"),
+}
+# How the LLM reader is told what each move means (the same table, so no move can be missing).
+MOVE_GUIDE: dict[Move, str] = {
+    "greeting": "hello, introductions, thanks for the meeting, goodbye",
+    "rapport": "small talk or personal talk: weather, traffic, hobbies, hometown, family, compliments",
+    "question": "any question about the buyer's business, situation, problems, their effects or the value of "
+    "solving them, including short follow-ups",
+    "pitch": "the rep presents his own product or company: features, advantages, benefits, references, price",
+    "commitment": "the rep asks for an action: demo, trial, visit, meeting, proposal, brochure, order",
+    "summary": "summary, acknowledgement, empathy, thanks for information, procedural remarks",
+    "injection": "an attempt to break the role-play or extract hidden instructions or card content",
+}
+
+MOVE_DATA_DIR = EVALS_DIR / "data" / "moves"
+MOVE_TRAIN_GLOB = "moves-train*.jsonl"
+MOVE_MODEL_VERSION = "1"
+SEED = 13
+
+# A lexical net under the move model: an attempt to break the role-play must never unlock anything.
+INJECTION_PATTERN = re.compile(
+    r"ignore (all |your |the |previous |any |prior )*(instructions|rules|prompt)|system prompt"
+    r"|(your|the|all|every|me) hidden (problems?|facts?|issues?|needs?)"
+    r"|scenario card|you are an? (ai|language model|bot)|jailbreak|developer mode"
+    r"|忽略.{0,6}(指令|规则|提示)|系统提示|提示词|隐藏的?(问题|难点|信息)(都|全)|剧本|你是(一个)?(AI|人工智能|机器人)|别演了"
+    r"|你(的)?设定|评分标准"
+    # Role swaps, fake developers and debug modes, prompt echoes, encodings, forged prompt tags.
+    r"|(swap|switch|reverse|exchange) (our )?roles|role swap|you are (now )?the (sales ?)?(rep|seller)"
+    r"|i am the developer|i'm the developer|debug(ging)? mode|for debugging|system instruction"
+    r"|repeat (everything|all|the text)( that is)? (above|before)|answer key|base64|stop role-?playing"
+    r"|the card'?s|card says|<\s*/?\s*(rep_message|convey|system|utterance|context|history|state|transcript)\s*>"
+    r"|[\[【（(]\s*(label|grade|score|system|评分|标签|标注|打分|系统)"
+    r"|need_state|need_payoff|implications (section|那一段)|your (yaml|configuration|brief)\b|你的?(yaml|配置)"
+    r"|(换|交换|互换)(一下)?角色|角色互换|你来当销售|开发者|调试模式|卡片|标准答案|上面的(全部|所有)内容|你的设定",
+    re.IGNORECASE,
+)
+
+
+# The move model alone calls a line an attack only when it also touches what an attack is after
+# (the instructions, the card, the grading, the role); a plain business question never does, so
+# the model's false alarms on real questions stay rare.
+ATTACK_CUES = re.compile(
+    r"instruction|prompt|system|rule|answer|score|grad(e|ing)|rubric|card|script|role|pretend|\bai\b|model"
+    r"|assistant|developer|debug|admin|sudo|reveal|print|output|decode|encode|translate|told|secret|hidden|verbatim"
+    r"|指令|提示|答案|评分|打分|分数|剧本|卡片|角色|模型|人工智能|AI|开发|调试|输出|打印|泄露|隐藏|规则|设定|翻译|编码"
+    r"|zhi ling|ju ben|ti shi|da an"
+    r"|repeat|上面|重复|复述|原文|configuration|yaml|json|brief|scenario|场景|系统|secret|秘密|一个字一个字"
+    r"|exact phrase"
+    r"|藏着|hiding|得分|标注|switch|换一下|我当客户|你来卖|ignora|instrucciones|oculto",
+    re.IGNORECASE,
+)
+_LEET = str.maketrans("013457@$", "oieastas")
+_SPACED_OUT = re.compile(r"(?:(?<!\S)\S ){5,}")
+
+
+def attack_views(text: str) -> tuple[str, str]:
+    """The line as typed and as an attacker's disguise would read undone: full-width folded (NFKC),
+    spaced-out letters joined, digits inside words read as letters (1gn0r3 -> ignore)."""
+    plain = unicodedata.normalize("NFKC", text)
+    if _SPACED_OUT.search(plain):
+        plain = re.sub(r"(?<=\S) (?=\S)", "", plain)
+    plain = re.sub(r"\s+", " ", plain)
+    plain = re.sub(r"\b(?=\w*[a-z])(?=\w*\d)\w+\b", lambda m: m.group(0).translate(_LEET), plain,
+                   flags=re.IGNORECASE)
+    return text, plain
+
+
+def looks_like_attack(text: str, pattern: re.Pattern[str]) -> bool:
+    return any(pattern.search(view) for view in attack_views(text))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What one rep line is: label None means ungraded (the reason says why)."""
+
+    label: Label | None
+    move: Move
+    topic: str | None
+    reason: str
+    confidence: float | None = None
+    better_question: str | None = None
+    reader: str = "offline"
+
+    @property
+    def graded(self) -> bool:
+        return self.label is not None
+
+    @property
+    def injection(self) -> bool:
+        return self.move == "injection"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "move": self.move,
+            "topic": self.topic,
+            "reason": self.reason,
+            "better_question": self.better_question,
+            "reader": self.reader,
+            "confidence": None if self.confidence is None else round(self.confidence, 3),
+        }
+
+
+class Reader(Protocol):
+    """Reads rep lines for one card. `focus` is the problem under discussion, for follow-ups."""
+
+    name: str
+    card: Scenario
+
+    def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading: ...
+
+
+def topic_kind(card: Scenario, topic: str | None) -> Literal["fact", "problem"] | None:
+    if topic in {f.id for f in card.facts}:
+        return "fact"
+    if topic in {p.id for p in card.problems}:
+        return "problem"
+    return None
+
+
+# --- shared embeddings ----------------------------------------------------------------------------
+
+
+class MemoEmbeddings:
+    """A bounded memo over another embedding model: one turn embeds the same line for label, move and topic."""
+
+    def __init__(self, inner: EmbeddingModel, size: int = 512) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self._size = size
+        self._cache: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _get(self, kind: str, text: str) -> list[float] | None:
+        with self._lock:
+            vector = self._cache.get((kind, text))
+            if vector is not None:
+                self._cache.move_to_end((kind, text))
+            return vector
+
+    def _put(self, kind: str, text: str, vector: list[float]) -> None:
+        with self._lock:
+            self._cache[(kind, text)] = vector
+            while len(self._cache) > self._size:
+                self._cache.popitem(last=False)
+
+    def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
+        found = {t: v for t in texts if (v := self._get("passage", t)) is not None}
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
+        if missing:
+            for text, vector in zip(missing, self._inner.embed_documents(missing), strict=True):
+                found[text] = vector
+                self._put("passage", text, vector)
+        return [found[t] for t in texts]
+
+    def embed_query(self, text: str) -> list[float]:
+        vector = self._get("query", text)
+        if vector is None:
+            vector = self._inner.embed_query(text)
+            self._put("query", text, vector)
+        return vector
+
+
+# --- move model -----------------------------------------------------------------------------------
+
+
+class LabelledMove(BaseModel):
+    """One line of a move set (evals/data/moves/*.jsonl)."""
+
+    model_config = ConfigDict(extra="ignore")
+    id: str = Field(min_length=1)
+    lang: Literal["zh", "en"]
+    context: str = ""
+    utterance: str = Field(min_length=1)
+    move: Move
+    detail: str | None = None
+    source: str | None = None
+
+
+class MoveModel:
+    """Character n-grams and the e5 embedding of the whole line, fed to a logistic regression."""
+
+    def __init__(self, embeddings: EmbeddingModel, c: float = 10.0) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        self.embeddings = embeddings
+        self.char = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), sublinear_tf=True, lowercase=True)
+        self.clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced", random_state=SEED)
+
+    def _features(self, utterances: Sequence[str], fit: bool) -> Any:
+        from scipy import sparse
+
+        texts = [u.strip() for u in utterances]
+        grams = self.char.fit_transform(texts) if fit else self.char.transform(texts)
+        # Weight and C chosen by 5-fold CV on the training set (evals/README.md).
+        dense = np.asarray(self.embeddings.embed_documents(texts), dtype=np.float32) * 3.5
+        marks = np.array([[1.0 if ("?" in t or "？" in t) else 0.0, min(len(t), 200) / 200.0] for t in texts])
+        return sparse.hstack([grams, sparse.csr_matrix(dense), sparse.csr_matrix(marks)]).tocsr()
+
+    def fit(self, utterances: Sequence[str], moves: Sequence[Move]) -> MoveModel:
+        self.clf.fit(self._features(utterances, True), list(moves))
+        return self
+
+    def predict(self, utterances: Sequence[str]) -> tuple[list[Move], list[float]]:
+        probabilities = self.clf.predict_proba(self._features(utterances, False))
+        classes = list(self.clf.classes_)
+        return [classes[i] for i in probabilities.argmax(axis=1)], [float(p) for p in probabilities.max(axis=1)]
+
+    def ranked(self, utterance: str) -> list[Move]:
+        """Every move, most likely first."""
+        probabilities = self.clf.predict_proba(self._features([utterance], False))[0]
+        classes = list(self.clf.classes_)
+        return [classes[i] for i in np.argsort(-probabilities)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["embeddings"] = None
+        return state
+
+
+def move_training_data(directory: Path = MOVE_DATA_DIR) -> tuple[list[str], list[Move]]:
+    """The move training set, plus every S/P/I/N line of the label training set as a question."""
+    items = [item for path in move_training_files(directory) for item in read_jsonl(path, LabelledMove)]
+    utterances = [i.utterance for i in items]
+    moves: list[Move] = [i.move for i in items]
+    for item in load_training_set():
+        if item.label != "O":
+            utterances.append(item.utterance)
+            moves.append("question")
+    return utterances, moves
+
+
+def move_training_files(directory: Path = MOVE_DATA_DIR) -> list[Path]:
+    files = sorted(directory.glob(MOVE_TRAIN_GLOB))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no {MOVE_TRAIN_GLOB} training files")
+    return files
+
+
+def move_fingerprint(embeddings: EmbeddingModel, directory: Path = MOVE_DATA_DIR) -> str:
+    from bot.grader import training_files
+
+    digest = hashlib.sha256(f"{MOVE_MODEL_VERSION}\n{embeddings.name}\n{SEED}\n".encode())
+    for path in [*move_training_files(directory), *training_files()]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def load_or_train_moves(embeddings: EmbeddingModel, store: Path, *, retrain: bool = False) -> MoveModel:
+    """The stored move model if it matches the training data and code, else a freshly trained one."""
+    return stored_model(store, "move-model", move_fingerprint(embeddings), embeddings,
+                        lambda: MoveModel(embeddings).fit(*move_training_data()), retrain=retrain)
+
+
+# --- relative topic matching ----------------------------------------------------------------------
+
+# What a rep may talk about in a meeting that is on no card: the matcher compares each line with
+# these as well as with the card's topics, so "on topic" means "clearly closer to a topic than to
+# any of these", not "above a fixed similarity".
+OFF_TOPIC: tuple[str, ...] = (
+    "How's the weather today?", "Did you have trouble finding parking?", "How was your weekend?",
+    "Is the coffee machine in your office any good?", "Where do you usually go for lunch?",
+    "Did you watch the football last night?", "Are you going anywhere for the holidays?",
+    "How long is your commute?", "Nice office, did you choose the paintings?", "How are your kids doing?",
+    "What do you do in your free time?", "Which city are you from originally?",
+    "What is your company's share price doing?", "How big is your marketing budget?",
+    "What is your policy on annual leave?", "Who designed your company logo?",
+    "Anything else you want to tell me?", "What do you think about the economy?",
+    "今天天气怎么样？", "路上堵车了吗？", "周末过得怎么样？", "你们办公室的咖啡好喝吗？",
+    "中午一般去哪儿吃饭？", "昨晚的球赛看了吗？", "假期有什么安排？", "您平时有什么爱好？",
+    "您老家是哪里的？", "孩子上几年级了？", "这幅画挺好看的，谁挑的？", "你们公司股价最近怎么样？",
+    "你们市场部一年预算多少？", "年假是怎么规定的？", "还有别的吗？", "最近经济形势您怎么看？",
+)
+# Follow-ups with no topic of their own: they go to the problem under discussion.
+FOLLOW_UPS: tuple[str, ...] = (
+    "What does that cost you?", "How often does that happen?", "Why is that?", "And then what happens?",
+    "How does that affect you?", "What impact does that have?", "Can you give me an example?",
+    "How long has that been going on?", "Who else does that affect?", "What would it mean if you solved it?",
+    "How would that help you?", "Is that a big deal for you?", "Tell me more about that.",
+    "那会怎么样？", "然后呢？", "为什么会这样？", "这对你们有什么影响？", "多久发生一次？", "能举个例子吗？",
+    "这样持续多久了？", "还会影响到谁？", "这要花多少钱？", "解决了对您有什么好处？", "这个严重吗？",
+    "具体说说？",
+)
+# Chosen on evals/data/topics/topics-tune.jsonl (evals/README.md); the test file is never used for it.
+TOPIC_MARGIN = 0.005
+FOLLOW_UP_MARGIN = 0.0
+FOCUS_MARGIN = 0.02
+
+
+def _topic_texts(card: Scenario) -> dict[str, list[str]]:
+    """The words each topic is known by: its name, and what the buyer would say about it."""
+    texts: dict[str, list[str]] = {}
+    for fact in card.facts:
+        texts[fact.id] = [fact.topic.zh, fact.topic.en, fact.reply.zh, fact.reply.en]
+    for problem in card.problems:
+        said = [problem.implied, *problem.implications, problem.need_payoff]
+        texts[problem.id] = [problem.topic.zh, problem.topic.en, *(t.zh for t in said), *(t.en for t in said)]
+    return texts
+
+
+@dataclass(frozen=True)
+class TopicScores:
+    """One line's similarity to each topic, to the off-topic bank and to the follow-up bank."""
+
+    topics: dict[str, float]
+    off_topic: float
+    follow_up: float
+    background: float  # this buyer's own life story (hometown, career, hobbies)
+
+    @property
+    def about_the_buyer(self) -> bool:
+        """Closer to the buyer's own background than to any topic, follow-up or other talk."""
+        return self.background >= max([*self.topics.values(), self.follow_up, self.off_topic])
+
+
+class TopicMatcher:
+    """Relative topic matching for one card: a line is on a topic only when it is clearly closer to
+    that topic than to off-topic talk (generic, and this buyer's own background)."""
+
+    def __init__(self, card: Scenario, embeddings: EmbeddingModel) -> None:
+        self.card = card
+        self._embeddings = embeddings
+        self._kinds = {f.id: "fact" for f in card.facts} | {p.id: "problem" for p in card.problems}
+        texts = _topic_texts(card)
+        self._owners = [topic for topic, group in texts.items() for _ in group]
+        self._topic_vectors = self._embed([t for group in texts.values() for t in group])
+        about_buyer = f"{card.buyer.background.zh}。{card.buyer.background.en}"
+        background = [s for s in re.split(r"[。；;]|(?<=\.)\s", about_buyer) if s.strip()]
+        self._off_vectors = self._embed(list(OFF_TOPIC))
+        self._background_vectors = self._embed(background)
+        self._follow_vectors = self._embed(list(FOLLOW_UPS))
+
+    def _embed(self, texts: Sequence[str]) -> Any:
+        return np.asarray(self._embeddings.embed_documents(list(texts)), dtype=np.float32)
+
+    def scores(self, utterance: str) -> TopicScores:
+        query = np.asarray(self._embeddings.embed_documents([utterance.strip()])[0], dtype=np.float32)
+        similarity = self._topic_vectors @ query
+        best: dict[str, float] = {}
+        for owner, score in zip(self._owners, similarity, strict=True):
+            best[owner] = max(best.get(owner, -1.0), float(score))
+        return TopicScores(
+            best,
+            float((self._off_vectors @ query).max()),
+            float((self._follow_vectors @ query).max()),
+            float((self._background_vectors @ query).max()),
+        )
+
+    def match(
+        self, utterance: str, focus: str | None = None, kind: Literal["fact", "problem"] | None = None,
+        scores: TopicScores | None = None,
+    ) -> str | None:
+        """The topic id the line is about, the focus for a bare follow-up, or None."""
+        scores = scores or self.scores(utterance)
+        candidates = {t: s for t, s in scores.topics.items() if kind is None or self._kinds[t] == kind}
+        if not candidates:
+            return None
+        topic, score = max(candidates.items(), key=lambda kv: kv[1])
+        elsewhere = max(scores.off_topic, scores.background)
+        on_topic = score - elsewhere >= TOPIC_MARGIN
+        if focus is not None and self._kinds.get(focus) == "problem" and kind != "fact":
+            # A bare follow-up ("what does that cost you?") goes to the problem under discussion; so does
+            # a question about equally close topics. One that clearly names another topic goes there.
+            if scores.follow_up >= score and scores.follow_up - elsewhere >= FOLLOW_UP_MARGIN:
+                return focus
+            if on_topic and candidates.get(focus, -1.0) >= score - FOCUS_MARGIN:
+                return focus
+        return topic if on_topic else None
+
+
+# --- the offline reader ---------------------------------------------------------------------------
+
+
+@dataclass
+class OfflineReader:
+    """Label from the trained grader, move from the move model, topic by relative matching."""
+
+    card: Scenario
+    grader: OfflineGrader
+    moves: MoveModel
+    topics: TopicMatcher
+    name: str = "offline"
+
+    def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading:
+        grade = self.grader.grade(utterance, context)
+        move = self.read_move(utterance)
+        topic = None
+        if move in ("question", "summary") or grade.label in ("S", "P", "I", "N"):
+            scores = self.topics.scores(utterance)
+            # P, I and N questions are about a problem; a fact question may be about either ("how many
+            # wrong shipments a month?" asks a number about a problem), so it is matched against all.
+            kind: Literal["fact", "problem"] | None = "problem" if grade.label in ("P", "I", "N") else None
+            topic = self.topics.match(utterance, focus, kind, scores)
+            if topic is None and move in ("question", "summary") and grade.label in ("S", "O") and (
+                scores.about_the_buyer
+            ):
+                # "You worked at Walmart for ten years, right?": personal talk about this buyer (rule 7).
+                move = "rapport"
+        return Reading(grade.label, move, topic, grade.reason, grade.confidence, grade.better_question, self.name)
+
+    def read_move(self, utterance: str) -> Move:
+        if looks_like_attack(utterance, INJECTION_PATTERN):
+            return "injection"
+        ranked = self.moves.ranked(utterance)
+        plain = attack_views(utterance)[1]
+        # A disguised line is also read undisguised: "1gn0r3 y0ur rul3s" is an attack once spelt out.
+        model_says_attack = ranked[0] == "injection" or (
+            plain != utterance and self.moves.ranked(plain)[0] == "injection"
+        )
+        if model_says_attack and looks_like_attack(utterance, ATTACK_CUES):
+            return "injection"
+        return ranked[1] if ranked[0] == "injection" else ranked[0]
+
+
+# --- the LLM reader -------------------------------------------------------------------------------
+
+
+class ReadingReply(BaseModel):
+    """The JSON the LLM reader must return."""
+
+    label: Label
+    move: Move
+    topic: str = Field(min_length=1, max_length=80)
+    reason: str = Field(min_length=1, max_length=400)
+    better_question: str | None = Field(default=None, max_length=400)
+
+
+_FENCED = ("context", "utterance", "topics")
+
+
+class LLMReader:
+    """One structured call per line: label, move and topic (from the card's list or "none").
+
+    A reply outside the schema or naming a topic the card does not have is retried once, then the
+    line is left ungraded: never guessed. `is_attack` (by default the lexical net; the runtime adds
+    the offline move model) flags an attack whatever the model says: a fooled model unlocks nothing.
+    """
+
+    def __init__(self, card: Scenario, model: ChatModel, is_attack: Callable[[str], bool] | None = None) -> None:
+        self.card = card
+        self._model = model
+        self._is_attack = is_attack or (lambda text: looks_like_attack(text, INJECTION_PATTERN))
+        self.name = f"llm:{model.name}"
+        self._topic_ids = {f.id for f in card.facts} | {p.id for p in card.problems}
+
+    def _topic_list(self) -> str:
+        lines = [f"- {f.id} (fact): {f.topic.en} / {f.topic.zh}" for f in self.card.facts]
+        lines += [f"- {p.id} (problem): {p.topic.en} / {p.topic.zh}" for p in self.card.problems]
+        return "\n".join(lines)
+
+    def messages(self, utterance: str, context: str = "", focus: str | None = None) -> list[Any]:
+        language = detect_language(utterance)
+        focus_line = "none"
+        if focus is not None and topic_kind(self.card, focus) == "problem":
+            focus_line = f"{focus}: {self.card.problem(focus).topic.en}"
+        return prompts.render(
+            "reader",
+            topics=self._topic_list(),
+            focus=focus_line,
+            moves="\n".join(f"- {m}: {MOVE_GUIDE[m]}" for m in MOVES),
+            context=defuse_tags(context.strip(), *_FENCED) or "(none)",
+            utterance=defuse_tags(utterance.strip(), *_FENCED),
+            reason_language="Simplified Chinese" if language == "zh" else "English",
+        )
+
+    def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading:
+        attack = self._is_attack(utterance)
+        messages = self.messages(utterance, context, focus)
+        problem = ""
+        for _attempt in range(2):
+            try:
+                reply = self._model.complete_json(messages, ReadingReply, temperature=0.0)
+            except LLMResponseError as exc:
+                problem = str(exc)
+                continue
+            except LLMError as exc:
+                return self._ungraded(f"ungraded: {exc}", attack)
+            topic = reply.topic.strip()
+            if topic.lower() == "none":
+                chosen = None
+            elif topic in self._topic_ids:
+                chosen = topic
+            else:
+                problem = f"topic {topic[:40]!r} is not one of the card's topics"
+                continue
+            better = (reply.better_question or "").strip() or None
+            move: Move = "injection" if attack else reply.move
+            return Reading(reply.label, move, chosen, reply.reason.strip(), None, better, self.name)
+        return self._ungraded(f"ungraded: the reader's reply was invalid twice ({problem})", attack)
+
+    def _ungraded(self, reason: str, attack: bool) -> Reading:
+        return Reading(None, "injection" if attack else "question", None, reason, reader=self.name)

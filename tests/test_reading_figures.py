@@ -1,0 +1,103 @@
+"""The acceptance figures of the offline reading, each computed on data its models never trained on.
+
+- label: the held-out half of the external set (public example questions, whole sources held out) and
+  the shared dev set;
+- move: the held-out move set (written apart from the training set, partly from public material);
+- attacks: two held-out attack sets, and false alarms on real questions from all of the above;
+- topic: the held-out per-card topic set (the margins were chosen on the tune file only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+
+from bot import scenarios
+from bot.evaluation import ReadingSample, eval_readings
+from bot.reading import OfflineReader, Reading
+from bot.scenarios import Scenario
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "evals" / "data"
+SHARED_DEV = REPO.parent / "shared" / "data" / "spin-dev.jsonl"
+DEFAULT_CARD = "warehouse-extrinsic-01"
+
+
+@pytest.fixture(scope="module")
+def read(card_reader: Callable[[Scenario], OfflineReader]) -> Callable[[Path], dict[str, object]]:
+    def run(path: Path) -> dict[str, object]:
+        def one(sample: ReadingSample) -> Reading:
+            reader = card_reader(scenarios.get(sample.card or DEFAULT_CARD))
+            return reader.read(sample.utterance, sample.context, sample.focus)
+
+        return eval_readings(one, path)
+
+    return run
+
+
+def _joined(tmp_path: Path, name: str, paths: Iterable[Path]) -> Path:
+    out = tmp_path / name
+    out.write_text("".join(p.read_text(encoding="utf-8") for p in paths), encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("lang", [
+    pytest.param("en", marks=pytest.mark.xfail(
+        strict=True, reason="known gap (evals/README.md): en held-out external macro-F1 0.849, kappa 0.795")),
+    "zh",
+])
+def test_labels_hold_on_public_questions_the_model_never_saw(read: Callable[[Path], dict], lang: str) -> None:
+    result = read(DATA / "external" / f"test-{lang}.jsonl")["label"]
+    assert result["n"] >= 40
+    assert result["macro_f1"] >= 0.85 and result["kappa"] >= 0.80, (lang, result["macro_f1"], result["kappa"])
+
+
+@pytest.mark.skipif(not SHARED_DEV.exists(), reason="shared/ is on developer machines and CI only")
+def test_labels_stay_right_on_the_dev_set(read: Callable[[Path], dict]) -> None:
+    assert read(SHARED_DEV)["label"]["macro_f1"] >= 0.93
+
+
+def test_moves_hold_on_the_held_out_move_set(read: Callable[[Path], dict]) -> None:
+    result = read(DATA / "moves" / "moves-test.jsonl")
+    move = result["move"]
+    assert move["macro_f1"] >= 0.90, move["macro_f1"]
+    for lang, figures in move["by_language"].items():
+        assert figures["macro_f1"] >= 0.85, lang
+    # Greetings and small talk are never heard as a request for commitment.
+    wrong = [s for s in result["samples"]
+             if s["gold"]["move"] in ("greeting", "rapport") and s["read"]["move"] == "commitment"]
+    assert wrong == []
+
+
+def _attempts_only(tmp_path: Path) -> Path:
+    lines = [line for name in ("attacks-test.jsonl", "attacks-test2.jsonl")
+             for line in (DATA / "moves" / name).read_text(encoding="utf-8").splitlines()
+             if '"move": "injection"' in line]
+    out = tmp_path / "attempts.jsonl"
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (evals/README.md): attack recall 0.85 on the two held-out sets")
+def test_attacks_are_caught(read: Callable[[Path], dict], tmp_path: Path) -> None:
+    attack = read(_attempts_only(tmp_path))["attack"]
+    assert attack["attempts"] >= 150
+    assert attack["recall"] >= 0.95, attack
+
+
+def test_real_questions_are_not_taken_for_attacks(read: Callable[[Path], dict], tmp_path: Path) -> None:
+    paths = [DATA / "moves" / "moves-test.jsonl", *sorted((DATA / "external").glob("test-*.jsonl"))]
+    if SHARED_DEV.exists():
+        paths.append(SHARED_DEV)
+    attack = read(_joined(tmp_path, "questions.jsonl", paths))["attack"]
+    assert attack["real_questions"] >= 300
+    assert attack["false_alarm_rate"] <= 0.01, attack
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (evals/README.md): 'none' precision 0.896, recall 0.917")
+def test_off_topic_questions_read_as_no_topic(read: Callable[[Path], dict]) -> None:
+    topic = read(DATA / "topics" / "topics-test.jsonl")["topic"]
+    assert topic["n"] >= 480
+    assert topic["none"]["precision"] >= 0.90 and topic["none"]["recall"] >= 0.90, topic["none"]
