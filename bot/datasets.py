@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+
+
+class RepLine(BaseModel):
+    """What every labelled set shares: one rep line, its language and the buyer's line before it."""
+
+    id: str = Field(min_length=1)
+    lang: Literal["zh", "en"]
+    context: str = ""
+    utterance: str = Field(min_length=1)
 
 
 class DataError(ValueError):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bot.coach import Retriever
-from bot.datasets import DataError, read_jsonl
+from bot.datasets import DataError, RepLine, read_jsonl
 from bot.grader import LABELS, Grade, Grader, Label, LabelledUtterance, grade_many
 from bot.reading import MOVES, Move, Reading
 
@@ -220,14 +220,10 @@ def confusion_png(result: dict[str, Any], path: Path, title: str) -> Path:
 # --- readings (label, move, topic) ----------------------------------------------------------------
 
 
-class ReadingSample(BaseModel):
+class ReadingSample(RepLine):
     """One line of a reading set: any of label, move and card+topic may be given, and each is scored."""
 
     model_config = ConfigDict(extra="ignore")
-    id: str = Field(min_length=1)
-    lang: Literal["zh", "en"]
-    context: str = ""
-    utterance: str = Field(min_length=1)
     label: Label | None = None
     move: Move | None = None
     card: str | None = None

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bot import prompts
 from bot.config import EVALS_DIR
-from bot.datasets import read_jsonl
+from bot.datasets import RepLine, read_jsonl
 from bot.llm import ChatModel, EmbeddingModel, LLMError, LLMResponseError
 from bot.text import Language, defuse_tags, detect_language
 
@@ -90,14 +90,10 @@ class Grader(Protocol):
     def grade(self, utterance: str, context: str = "") -> Grade: ...
 
 
-class LabelledUtterance(BaseModel):
+class LabelledUtterance(RepLine):
     """One line of a labelled set (spin-labels.md data format)."""
 
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1)
-    lang: Literal["zh", "en"]
-    context: str = ""
-    utterance: str = Field(min_length=1)
     label: Label
     note: str | None = None
     source: str | None = None  # where an external item was published

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bot import prompts
 from bot.config import EVALS_DIR
-from bot.datasets import read_jsonl
+from bot.datasets import RepLine, read_jsonl
 from bot.grader import Label, OfflineGrader, load_training_set, stored_model
 from bot.llm import ChatModel, EmbeddingModel, LLMError, LLMResponseError
 from bot.scenarios import Scenario, Text
@@ -204,14 +204,10 @@ class MemoEmbeddings:
 # --- move model -----------------------------------------------------------------------------------
 
 
-class LabelledMove(BaseModel):
+class LabelledMove(RepLine):
     """One line of a move set (evals/data/moves/*.jsonl)."""
 
     model_config = ConfigDict(extra="ignore")
-    id: str = Field(min_length=1)
-    lang: Literal["zh", "en"]
-    context: str = ""
-    utterance: str = Field(min_length=1)
     move: Move
     detail: str | None = None
     source: str | None = None
