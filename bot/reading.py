@@ -238,11 +238,6 @@ class MoveModel:
         self.clf.fit(self._features(utterances, True), list(moves))
         return self
 
-    def predict(self, utterances: Sequence[str]) -> tuple[list[Move], list[float]]:
-        probabilities = self.clf.predict_proba(self._features(utterances, False))
-        classes = list(self.clf.classes_)
-        return [classes[i] for i in probabilities.argmax(axis=1)], [float(p) for p in probabilities.max(axis=1)]
-
     def ranked(self, utterance: str) -> list[Move]:
         """Every move, most likely first."""
         probabilities = self.clf.predict_proba(self._features([utterance], False))[0]
