@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bot import prompts
 from bot.config import EVALS_DIR
 from bot.datasets import RepLine, read_jsonl
-from bot.llm import ChatModel, EmbeddingModel, LLMError, LLMResponseError
+from bot.llm import ChatModel, EmbeddingModel, checked_json
 from bot.text import Language, defuse_tags, detect_language
 
 Label = Literal["S", "P", "I", "N", "O"]
@@ -147,18 +147,11 @@ class LLMGrader:
             utterance=defuse_tags(utterance.strip(), "context", "utterance"),
             reason_language="Simplified Chinese" if language == "zh" else "English",
         )
-        problem = ""
-        for _attempt in range(2):
-            try:
-                reply = self._model.complete_json(messages, GradeReply, temperature=0.0)
-            except LLMResponseError as exc:
-                problem = str(exc)
-                continue
-            except LLMError as exc:
-                return Grade(None, f"ungraded: {exc}", grader=self.name)
-            better = (reply.better_question or "").strip() or None
-            return Grade(reply.label, reply.reason.strip(), better, grader=self.name)
-        return Grade(None, f"ungraded: the grader's reply was invalid twice ({problem})", grader=self.name)
+        reply = checked_json(self._model, messages, GradeReply, "grader")
+        if isinstance(reply, str):
+            return Grade(None, reply, grader=self.name)
+        better = (reply.better_question or "").strip() or None
+        return Grade(reply.label, reply.reason.strip(), better, grader=self.name)
 
 
 # --- offline grader -----------------------------------------------------------------------------

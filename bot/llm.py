@@ -13,7 +13,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import openai
@@ -91,6 +91,27 @@ class ChatModel(Protocol):
     def complete_json(
         self, messages: Sequence[BaseMessage], schema: type[T], *, temperature: float | None = None
     ) -> T: ...
+
+
+def checked_json(
+    model: ChatModel, messages: Sequence[BaseMessage], schema: type[T], who: str,
+    check: Callable[[T], str | None] = lambda reply: None,
+) -> T | str:
+    """A reply in the schema that `check` finds no fault with (retried once), else why not, as the
+    reason an ungraded line shows: a grading call never guesses."""
+    problem = ""
+    for _attempt in range(2):
+        try:
+            reply = model.complete_json(messages, schema, temperature=0.0)
+        except LLMResponseError as exc:
+            problem = str(exc)
+            continue
+        except LLMError as exc:
+            return f"ungraded: {exc}"
+        problem = check(reply) or ""
+        if not problem:
+            return reply
+    return f"ungraded: the {who}'s reply was invalid twice ({problem})"
 
 
 @runtime_checkable

@@ -24,7 +24,7 @@ from bot import prompts
 from bot.config import EVALS_DIR
 from bot.datasets import RepLine, read_jsonl
 from bot.grader import Label, OfflineGrader, load_training_set, stored_model
-from bot.llm import ChatModel, EmbeddingModel, LLMError, LLMResponseError
+from bot.llm import ChatModel, EmbeddingModel, checked_json
 from bot.scenarios import Scenario, Text
 from bot.text import defuse_tags, detect_language
 
@@ -76,19 +76,11 @@ INJECTION_PATTERN = re.compile(
 )
 
 
-# The move model alone calls a line an attack only when it also touches what an attack is after
-# (the instructions, the card, the grading, the role); a plain business question never does, so
-# the model's false alarms on real questions stay rare.
-ATTACK_CUES = re.compile(
-    r"instruction|prompt|system|rule|answer|score|grad(e|ing)|rubric|card|script|role|pretend|\bai\b|model"
-    r"|assistant|developer|debug|admin|sudo|reveal|print|output|decode|encode|translate|told|secret|hidden|verbatim"
-    r"|指令|提示|答案|评分|打分|分数|剧本|卡片|角色|模型|人工智能|AI|开发|调试|输出|打印|泄露|隐藏|规则|设定|翻译|编码"
-    r"|zhi ling|ju ben|ti shi|da an"
-    r"|repeat|上面|重复|复述|原文|configuration|yaml|json|brief|scenario|场景|系统|secret|秘密|一个字一个字"
-    r"|exact phrase"
-    r"|藏着|hiding|得分|标注|switch|换一下|我当客户|你来卖|ignora|instrucciones|oculto",
-    re.IGNORECASE,
-)
+# The move model calls a line an attack when its probability passes this, chosen by 5-fold CV on the
+# move training set (evals/README.md): recall 0.93 there, false alarms 0.2% on the label set's
+# questions. A gate on attack words ("system", "rubric") added false alarms on business questions
+# that use them and caught nothing the threshold misses, so there is none.
+ATTACK_SURE = 0.6
 _LEET = str.maketrans("013457@$", "oieastas")
 _SPACED_OUT = re.compile(r"(?:(?<!\S)\S ){5,}")
 
@@ -103,6 +95,17 @@ def attack_views(text: str) -> tuple[str, str]:
     plain = re.sub(r"\b(?=\w*[a-z])(?=\w*\d)\w+\b", lambda m: m.group(0).translate(_LEET), plain,
                    flags=re.IGNORECASE)
     return text, plain
+
+
+def _wording(text: str) -> str:
+    return re.sub(r"[^\w\s]+", "", text).strip()
+
+
+def disguised(text: str) -> str | None:
+    """The undisguised line when undoing a disguise changes its words, else None: folding full-width
+    punctuation alone (every Chinese "？") needs no second reading."""
+    plain = attack_views(text)[1]
+    return plain if _wording(plain) != _wording(re.sub(r"\s+", " ", text)) else None
 
 
 def looks_like_attack(text: str, pattern: re.Pattern[str]) -> bool:
@@ -184,6 +187,10 @@ class MemoEmbeddings:
             while len(self._cache) > self._size:
                 self._cache.popitem(last=False)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
         found = {t: v for t in texts if (v := self._get("passage", t)) is not None}
         missing = list(dict.fromkeys(t for t in texts if t not in found))
@@ -238,11 +245,11 @@ class MoveModel:
         self.clf.fit(self._features(utterances, True), list(moves))
         return self
 
-    def ranked(self, utterance: str) -> list[Move]:
-        """Every move, most likely first."""
+    def probabilities(self, utterance: str) -> dict[Move, float]:
+        """Every move with its probability, most likely first."""
         probabilities = self.clf.predict_proba(self._features([utterance], False))[0]
         classes = list(self.clf.classes_)
-        return [classes[i] for i in np.argsort(-probabilities)]
+        return {classes[i]: float(probabilities[i]) for i in np.argsort(-probabilities)}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -434,15 +441,15 @@ class OfflineReader:
     def read_move(self, utterance: str) -> Move:
         if looks_like_attack(utterance, INJECTION_PATTERN):
             return "injection"
-        ranked = self.moves.ranked(utterance)
-        plain = attack_views(utterance)[1]
-        # A disguised line is also read undisguised: "1gn0r3 y0ur rul3s" is an attack once spelt out.
-        model_says_attack = ranked[0] == "injection" or (
-            plain != utterance and self.moves.ranked(plain)[0] == "injection"
-        )
-        if model_says_attack and looks_like_attack(utterance, ATTACK_CUES):
+        probabilities = self.moves.probabilities(utterance)
+        attack = probabilities.get("injection", 0.0)
+        plain = disguised(utterance)
+        if plain is not None:
+            # A disguised line is also read undisguised: "1gn0r3 y0ur rul3s" is an attack once spelt out.
+            attack = max(attack, self.moves.probabilities(plain).get("injection", 0.0))
+        if attack > ATTACK_SURE:
             return "injection"
-        return ranked[1] if ranked[0] == "injection" else ranked[0]
+        return next(move for move in probabilities if move != "injection")
 
 
 # --- the LLM reader -------------------------------------------------------------------------------
@@ -499,27 +506,20 @@ class LLMReader:
     def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading:
         attack = self._is_attack(utterance)
         messages = self.messages(utterance, context, focus)
-        problem = ""
-        for _attempt in range(2):
-            try:
-                reply = self._model.complete_json(messages, ReadingReply, temperature=0.0)
-            except LLMResponseError as exc:
-                problem = str(exc)
-                continue
-            except LLMError as exc:
-                return self._ungraded(f"ungraded: {exc}", attack)
-            topic = reply.topic.strip()
-            if topic.lower() == "none":
-                chosen = None
-            elif topic in self._topic_ids:
-                chosen = topic
-            else:
-                problem = f"topic {topic[:40]!r} is not one of the card's topics"
-                continue
-            better = (reply.better_question or "").strip() or None
-            move: Move = "injection" if attack else reply.move
-            return Reading(reply.label, move, chosen, reply.reason.strip(), None, better, self.name)
-        return self._ungraded(f"ungraded: the reader's reply was invalid twice ({problem})", attack)
+        reply = checked_json(self._model, messages, ReadingReply, "reader", self._unknown_topic)
+        if isinstance(reply, str):
+            return self._ungraded(reply, attack)
+        topic = reply.topic.strip()
+        better = (reply.better_question or "").strip() or None
+        move: Move = "injection" if attack else reply.move
+        chosen = None if topic.lower() == "none" else topic
+        return Reading(reply.label, move, chosen, reply.reason.strip(), None, better, self.name)
+
+    def _unknown_topic(self, reply: ReadingReply) -> str | None:
+        topic = reply.topic.strip()
+        if topic.lower() == "none" or topic in self._topic_ids:
+            return None
+        return f"topic {topic[:40]!r} is not one of the card's topics"
 
     def _ungraded(self, reason: str, attack: bool) -> Reading:
         return Reading(None, "injection" if attack else "question", None, reason, reader=self.name)

@@ -125,21 +125,22 @@ def warehouse_reader(card_reader: Callable[[Scenario], OfflineReader]) -> Offlin
 
 
 @pytest.mark.parametrize(
-    ("line", "move"),
+    ("line", "moves"),
     [
-        ("周经理好。", "greeting"),
-        ("早上好，今天天气挺闷的啊。", "rapport"),
-        ("Good morning, Mr Zhou. Thanks for seeing me.", "greeting"),
-        ("Lovely weather today, isn't it?", "rapport"),
-        ("你们仓库一共多少人？", "question"),
-        ("How long have you been running this warehouse?", "question"),
-        ("然后呢？", "question"),
+        ("周经理好。", {"greeting"}),
+        # A greeting with small talk is either; what matters is that it asks for nothing.
+        ("早上好，今天天气挺闷的啊。", {"greeting", "rapport"}),
+        ("Good morning, Mr Zhou. Thanks for seeing me.", {"greeting"}),
+        ("Lovely weather today, isn't it?", {"rapport"}),
+        ("你们仓库一共多少人？", {"question"}),
+        ("How long have you been running this warehouse?", {"question"}),
+        ("然后呢？", {"question"}),
     ],
 )
 def test_greetings_small_talk_and_questions_are_never_commitments(
-    warehouse_reader: OfflineReader, line: str, move: str
+    warehouse_reader: OfflineReader, line: str, moves: set[str]
 ) -> None:
-    assert warehouse_reader.read_move(line) == move
+    assert warehouse_reader.read_move(line) in moves
 
 
 def test_off_topic_questions_have_no_topic_and_follow_ups_take_the_focus(warehouse_reader: OfflineReader) -> None:
