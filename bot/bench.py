@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from langchain_core.messages import BaseMessage
 from pydantic import BaseModel
 
-from bot.config import REPO_ROOT, Settings
+from bot.config import EVALS_DIR, REPO_ROOT, Settings
 from bot.grader import LLMGrader, load_training_set
 from bot.llm import OpenAIChatModel
 from bot.reading import LLMReader
@@ -178,12 +178,16 @@ def bench_grading(runtime: Runtime, n: int = 1000) -> tuple[list[float], float]:
 
 
 def bench_reading(runtime: Runtime, n: int = 300) -> list[float]:
-    """Fresh lines only (the embedding memo would flatter repeats): label, move and topic per line."""
+    """Held-out lines no model trained on, with the embedding memo emptied first (training leaves the
+    last lines it embedded there, which would flatter the figure): label, move and topic per line."""
     from bot import scenarios
+    from bot.datasets import read_jsonl
+    from bot.reading import LabelledMove
 
     reader = runtime.offline_reader(scenarios.get("warehouse-extrinsic-01"))
     reader.read("warm up")
-    items = load_training_set()[-n:]
+    items = read_jsonl(EVALS_DIR / "data" / "moves" / "moves-test.jsonl", LabelledMove)[:n]
+    runtime.reading_embeddings.clear()
     return _each(lambda item: reader.read(item.utterance, item.context, "walking"), items)
 
 
