@@ -322,9 +322,10 @@ FOLLOW_UPS: tuple[str, ...] = (
     "具体说说？",
 )
 # Chosen on evals/data/topics/topics-tune.jsonl (evals/README.md); the test file is never used for it.
-# Chosen by scripts/calibrate_topics.py on the tune files (never the test file), per language: an
-# English line sits closer to the bilingual off-topic bank than a Chinese one does.
-TOPIC_MARGINS: dict[Language, float] = {"zh": 0.02, "en": -0.005}
+# Chosen on topics-tune.jsonl (never the test file). scripts/calibrate_topics.py prints the grid per
+# language on both tune files: it favours zh 0.02 / en -0.005, but at zh 0.02 a plain fact question
+# ("你们仓库现在有多少员工？") loses its topic, so one margin stays.
+TOPIC_MARGINS: dict[Language, float] = {"zh": 0.005, "en": 0.005}
 FOLLOW_UP_MARGIN = 0.0
 FOCUS_MARGIN = 0.02
 
