@@ -98,7 +98,7 @@ def test_the_move_sets_own_questions_are_not_taken_for_attacks(read: Callable[[P
     assert attack["false_alarm_rate"] <= 0.01, attack
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (evals/README.md): 'none' precision 0.893, recall 0.920")
+@pytest.mark.xfail(strict=True, reason="known gap (evals/README.md): 'none' precision 0.896, recall 0.917")
 def test_off_topic_questions_read_as_no_topic(read: Callable[[Path], dict]) -> None:
     topic = read(DATA / "topics" / "topics-test.jsonl")["topic"]
     assert topic["n"] >= 480
