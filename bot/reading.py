@@ -26,7 +26,7 @@ from bot.datasets import RepLine, read_jsonl
 from bot.grader import Label, OfflineGrader, load_training_set, stored_model
 from bot.llm import ChatModel, EmbeddingModel, checked_json
 from bot.scenarios import Scenario, Text
-from bot.text import Language, defuse_tags, detect_language
+from bot.text import defuse_tags, detect_language
 
 Move = Literal["greeting", "rapport", "question", "pitch", "commitment", "summary", "injection"]
 MOVES: tuple[Move, ...] = get_args(Move)
@@ -321,11 +321,10 @@ FOLLOW_UPS: tuple[str, ...] = (
     "这样持续多久了？", "还会影响到谁？", "这要花多少钱？", "解决了对您有什么好处？", "这个严重吗？",
     "具体说说？",
 )
-# Chosen on evals/data/topics/topics-tune.jsonl (evals/README.md); the test file is never used for it.
 # Chosen on topics-tune.jsonl (never the test file). scripts/calibrate_topics.py prints the grid per
 # language on both tune files: it favours zh 0.02 / en -0.005, but at zh 0.02 a plain fact question
 # ("你们仓库现在有多少员工？") loses its topic, so one margin stays.
-TOPIC_MARGINS: dict[Language, float] = {"zh": 0.005, "en": 0.005}
+TOPIC_MARGIN = 0.005
 FOLLOW_UP_MARGIN = 0.0
 FOCUS_MARGIN = 0.02
 
@@ -362,7 +361,7 @@ class TopicMatcher:
 
     def __init__(self, card: Scenario, embeddings: EmbeddingModel) -> None:
         self.card = card
-        self.margins = dict(TOPIC_MARGINS)
+        self.margin = TOPIC_MARGIN
         self._embeddings = embeddings
         self._kinds = {f.id: "fact" for f in card.facts} | {p.id: "problem" for p in card.problems}
         texts = _topic_texts(card)
@@ -401,7 +400,7 @@ class TopicMatcher:
             return None
         topic, score = max(candidates.items(), key=lambda kv: kv[1])
         elsewhere = max(scores.off_topic, scores.background)
-        on_topic = score - elsewhere >= self.margins[detect_language(utterance)]
+        on_topic = score - elsewhere >= self.margin
         if focus is not None and self._kinds.get(focus) == "problem" and kind != "fact":
             # A bare follow-up ("what does that cost you?") goes to the problem under discussion; so does
             # a question about equally close topics. One that clearly names another topic goes there.
