@@ -13,7 +13,17 @@ from bot.config import Engine, Role, Settings
 from bot.grader import Grader, LLMGrader, OfflineGrader
 from bot.knowledge import KnowledgeIndex, bundled_embeddings
 from bot.llm import ChatModel, EmbeddingModel, chat_model_from_settings, embedding_model_from_settings
-from bot.reading import LLMReader, MemoEmbeddings, MoveModel, OfflineReader, Reader, TopicMatcher, load_or_train_moves
+from bot.reading import (
+    LLMReader,
+    MemoEmbeddings,
+    MoveModel,
+    OfflineReader,
+    Reader,
+    TopicGate,
+    TopicMatcher,
+    load_or_train_moves,
+    load_or_train_topic_gate,
+)
 from bot.scenarios import Scenario
 from bot.session import PracticeSession
 from bot.text import Language
@@ -75,6 +85,10 @@ class Runtime:
     def move_model(self) -> MoveModel:
         return load_or_train_moves(self.reading_embeddings, self.settings.spinbot_home / "models")
 
+    @cached_property
+    def topic_gate(self) -> TopicGate:
+        return load_or_train_topic_gate(self.reading_embeddings, self.settings.spinbot_home / "models")
+
     def grader(self, kind: Engine | None = None) -> Grader:
         """The grader of the engine in use, or of the kind asked for."""
         kind = kind or self.engine
@@ -90,7 +104,7 @@ class Runtime:
         """Topic matching for a card, built once even when many calls start at once."""
         with self._lock:
             if card.id not in self._matchers:
-                self._matchers[card.id] = TopicMatcher(card, self.reading_embeddings)
+                self._matchers[card.id] = TopicMatcher(card, self.reading_embeddings, self.topic_gate)
             return self._matchers[card.id]
 
     def offline_reader(self, card: Scenario) -> OfflineReader:

@@ -1,22 +1,23 @@
-"""Per-language topic margins from the tune files (evals/data/topics/topics-tune*.jsonl), never the test file.
+"""Choose the topic gate's C and threshold on the tune files only (evals/data/topics/topics-tune*.jsonl).
 
-For each language, every line is read once (label, move, topic scores); then each margin of a grid is tried
-and the one with the best balance of "none" precision and recall (their minimum, then accuracy) wins.
+The gate is trained on one tune file and the whole offline reader is scored on the other (two authors,
+so each figure is on lines the gate never saw), both ways; the test file is never read.
 
     .venv/bin/python scripts/calibrate_topics.py
 """
 
-from collections import defaultdict
 from pathlib import Path
 
 from bot import scenarios
 from bot.config import Settings
 from bot.datasets import read_jsonl
 from bot.evaluation import NO_TOPIC, ReadingSample
+from bot.reading import train_topic_gate
 from bot.runtime import Runtime
 
 TOPICS = Path(__file__).resolve().parents[1] / "evals" / "data" / "topics"
-GRID = (-0.01, -0.005, 0.0, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03)
+CS = (0.1, 1.0, 10.0, 100.0)
+THRESHOLDS = (0.4, 0.5, 0.6)
 
 
 def figures(pairs: list[tuple[str, str]]) -> tuple[float, float, float]:
@@ -29,28 +30,23 @@ def figures(pairs: list[tuple[str, str]]) -> tuple[float, float, float]:
 
 def main() -> None:
     runtime = Runtime(Settings())
-    samples = [s for path in sorted(TOPICS.glob("topics-tune*.jsonl")) for s in read_jsonl(path, ReadingSample)]
-    by_language: dict[str, list[ReadingSample]] = defaultdict(list)
-    for sample in samples:
-        by_language[sample.lang].append(sample)
-    chosen: dict[str, float] = {}
-    for lang, group in sorted(by_language.items()):
-        results: dict[float, tuple[float, float, float]] = {}
-        for margin in GRID:
-            pairs = []
-            for sample in group:
-                reader = runtime.offline_reader(scenarios.get(str(sample.card)))
-                reader.topics.margin = margin  # each group is one language
-                pairs.append((str(sample.topic), reader.read(sample.utterance, sample.context, sample.focus).topic
-                              or NO_TOPIC))
-            results[margin] = figures(pairs)
-        for margin, (p, r, a) in results.items():
-            print(f"  {lang} margin {margin:+.3f}: none P {p:.3f} R {r:.3f}, accuracy {a:.3f}")
-        best = max(GRID, key=lambda m: (min(results[m][:2]), results[m][2]))
-        chosen[lang] = best
-        p, r, a = results[best]
-        print(f"{lang}: n {len(group)}, margin {best:+.3f}: none P {p:.3f} R {r:.3f}, accuracy {a:.3f}")
-    print("best margin per language:", chosen)
+    files = sorted(TOPICS.glob("topics-tune*.jsonl"))
+    if len(files) < 2:
+        raise SystemExit(f"{TOPICS}: two tune files are needed, found {len(files)}")
+    for c in CS:
+        for threshold in THRESHOLDS:
+            row = []
+            for held_out in files:
+                gate = train_topic_gate(runtime.reading_embeddings, [f for f in files if f != held_out], c, threshold)
+                pairs = []
+                for sample in read_jsonl(held_out, ReadingSample):
+                    reader = runtime.offline_reader(scenarios.get(str(sample.card)))
+                    reader.topics.gate = gate
+                    read = reader.read(sample.utterance, sample.context, sample.focus)
+                    pairs.append((str(sample.topic), read.topic or NO_TOPIC))
+                p, r, a = figures(pairs)
+                row.append(f"{held_out.name}: none P {p:.3f} R {r:.3f} acc {a:.3f}")
+            print(f"C {c:g} threshold {threshold}: " + "; ".join(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def free_port() -> int:
 if TYPE_CHECKING:
     from bot.buyer import Buyer
     from bot.grader import OfflineGrader
-    from bot.reading import MoveModel, OfflineReader
+    from bot.reading import MoveModel, OfflineReader, TopicGate
     from bot.scenarios import Scenario
     from bot.session import PracticeSession
 
@@ -153,7 +153,18 @@ def move_model(tmp_path_factory: pytest.TempPathFactory) -> MoveModel:
 
 
 @pytest.fixture(scope="session")
-def card_reader(offline_grader: OfflineGrader, move_model: MoveModel) -> Callable[[Scenario], OfflineReader]:
+def topic_gate(tmp_path_factory: pytest.TempPathFactory) -> TopicGate:
+    """The real topic gate (bundled e5), trained once per session on the topic tune files."""
+    from bot.knowledge import bundled_embeddings
+    from bot.reading import load_or_train_topic_gate
+
+    return load_or_train_topic_gate(bundled_embeddings(), tmp_path_factory.mktemp("topic-store"))
+
+
+@pytest.fixture(scope="session")
+def card_reader(
+    offline_grader: OfflineGrader, move_model: MoveModel, topic_gate: TopicGate
+) -> Callable[[Scenario], OfflineReader]:
     """Factory: the real OfflineReader (bundled e5) for a card; its topic matcher is built once per card."""
     from bot.knowledge import bundled_embeddings
     from bot.reading import OfflineReader, TopicMatcher
@@ -162,7 +173,7 @@ def card_reader(offline_grader: OfflineGrader, move_model: MoveModel) -> Callabl
 
     def make(card: Scenario) -> OfflineReader:
         if card.id not in built:
-            built[card.id] = TopicMatcher(card, bundled_embeddings())
+            built[card.id] = TopicMatcher(card, bundled_embeddings(), topic_gate)
         return OfflineReader(card, offline_grader, move_model, built[card.id])
 
     return make
@@ -195,7 +206,7 @@ def practice(card_reader: Callable[[Scenario], OfflineReader]) -> Callable[..., 
 
 @pytest.fixture(scope="session")
 def grader_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models/ folder holding the trained offline grader and move model, as spinbot stores them.
+    """A models/ folder holding the trained offline grader, move model and topic gate, as spinbot stores them.
 
     Kept in pytest's cache between runs (keyed by the training fingerprint, so stale models are
     replaced); otherwise taken from the session's `offline_grader` instead of training a second time.
@@ -207,11 +218,12 @@ def grader_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
     cache = getattr(request.config, "cache", None)
     store = cache.mkdir("spinbot-grader-models") if cache is not None else tmp_path_factory.mktemp("grader-models")
-    from bot.reading import move_fingerprint
+    from bot.reading import move_fingerprint, topic_fingerprint
 
     stored = {
         f"offline-grader-{training_fingerprint(bundled_embeddings())}.joblib": ("offline-grader", "offline_grader"),
         f"move-model-{move_fingerprint(bundled_embeddings())}.joblib": ("move-model", "move_model"),
+        f"topic-gate-{topic_fingerprint(bundled_embeddings())}.joblib": ("topic-gate", "topic_gate"),
     }
     for name, (prefix, fixture) in stored.items():
         path = store / name

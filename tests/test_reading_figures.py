@@ -5,7 +5,7 @@
 - move: the held-out move set (written apart from the training set, partly from public material);
 - attacks: three held-out attack sets (the third from public prompt-injection material), and false
   alarms on real questions from all of the above;
-- topic: the held-out per-card topic set (the margins were chosen on the tune files only).
+- topic: the held-out per-card topic set (the topic gate is trained on the tune files only).
 """
 
 from __future__ import annotations
@@ -98,7 +98,6 @@ def test_the_move_sets_own_questions_are_not_taken_for_attacks(read: Callable[[P
     assert attack["false_alarm_rate"] <= 0.01, attack
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (evals/README.md): 'none' precision 0.896, recall 0.917")
 def test_off_topic_questions_read_as_no_topic(read: Callable[[Path], dict]) -> None:
     topic = read(DATA / "topics" / "topics-test.jsonl")["topic"]
     assert topic["n"] >= 480
