@@ -271,12 +271,17 @@ def load_training_set(directory: Path = TRAIN_DIR) -> list[LabelledUtterance]:
     return items
 
 
-def training_fingerprint(embeddings: EmbeddingModel, directory: Path = TRAIN_DIR) -> str:
-    digest = hashlib.sha256(f"{MODEL_VERSION}\n{embeddings.name}\n{SEED}\n".encode())
-    for path in training_files(directory):
+def files_fingerprint(header: str, paths: Sequence[Path]) -> str:
+    """A short digest of a header (model version, embedding model, seed) and each file's name and bytes."""
+    digest = hashlib.sha256(header.encode())
+    for path in paths:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def training_fingerprint(embeddings: EmbeddingModel, directory: Path = TRAIN_DIR) -> str:
+    return files_fingerprint(f"{MODEL_VERSION}\n{embeddings.name}\n{SEED}\n", training_files(directory))
 
 
 M = TypeVar("M")

@@ -7,7 +7,6 @@ the bundled e5 embeddings) and the LLM reader (one structured call returning all
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import unicodedata
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bot import prompts
 from bot.config import EVALS_DIR
 from bot.datasets import RepLine, read_jsonl
-from bot.grader import Label, OfflineGrader, load_training_set, stored_model
+from bot.grader import Label, OfflineGrader, files_fingerprint, load_training_set, stored_model
 from bot.llm import ChatModel, EmbeddingModel, checked_json
 from bot.scenarios import Scenario, Text
 from bot.text import Language, defuse_tags, detect_language
@@ -269,21 +268,22 @@ def move_training_data(directory: Path = MOVE_DATA_DIR) -> tuple[list[str], list
     return utterances, moves
 
 
-def move_training_files(directory: Path = MOVE_DATA_DIR) -> list[Path]:
-    files = sorted(directory.glob(MOVE_TRAIN_GLOB))
+def _training_files(directory: Path, pattern: str) -> list[Path]:
+    files = sorted(directory.glob(pattern))
     if not files:
-        raise FileNotFoundError(f"{directory}: no {MOVE_TRAIN_GLOB} training files")
+        raise FileNotFoundError(f"{directory}: no {pattern} training files")
     return files
+
+
+def move_training_files(directory: Path = MOVE_DATA_DIR) -> list[Path]:
+    return _training_files(directory, MOVE_TRAIN_GLOB)
 
 
 def move_fingerprint(embeddings: EmbeddingModel, directory: Path = MOVE_DATA_DIR) -> str:
     from bot.grader import training_files
 
-    digest = hashlib.sha256(f"{MOVE_MODEL_VERSION}\n{embeddings.name}\n{SEED}\n".encode())
-    for path in [*move_training_files(directory), *training_files()]:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    header = f"{MOVE_MODEL_VERSION}\n{embeddings.name}\n{SEED}\n"
+    return files_fingerprint(header, [*move_training_files(directory), *training_files()])
 
 
 def load_or_train_moves(embeddings: EmbeddingModel, store: Path, *, retrain: bool = False) -> MoveModel:
@@ -381,7 +381,6 @@ class TopicGate:
         # C chosen by training on one tune file and scoring the other, both ways.
         self.clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, random_state=SEED))
         self.threshold = threshold
-        self.embeddings: EmbeddingModel | None = None  # stored_model re-attaches one; unused
 
     def fit(self, features: Sequence[list[float]], on_topic: Sequence[bool]) -> TopicGate:
         self.clf.fit(np.asarray(features, dtype=np.float64), np.asarray(on_topic))
@@ -396,10 +395,7 @@ class TopicGate:
 
 
 def topic_training_files(directory: Path = TOPIC_DATA_DIR) -> list[Path]:
-    files = sorted(directory.glob(TOPIC_TRAIN_GLOB))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no {TOPIC_TRAIN_GLOB} training files")
-    return files
+    return _training_files(directory, TOPIC_TRAIN_GLOB)
 
 
 def train_topic_gate(
@@ -427,11 +423,8 @@ def topic_fingerprint(embeddings: EmbeddingModel, directory: Path = TOPIC_DATA_D
     from bot.scenarios import SCENARIOS_DIR
 
     banks = "\n".join([*OFF_TOPIC, *FOLLOW_UPS])
-    digest = hashlib.sha256(f"{TOPIC_GATE_VERSION}\n{embeddings.name}\n{SEED}\n{banks}\n".encode())
-    for path in [*topic_training_files(directory), *sorted(SCENARIOS_DIR.glob("*.yaml"))]:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    header = f"{TOPIC_GATE_VERSION}\n{embeddings.name}\n{SEED}\n{banks}\n"
+    return files_fingerprint(header, [*topic_training_files(directory), *sorted(SCENARIOS_DIR.glob("*.yaml"))])
 
 
 def load_or_train_topic_gate(embeddings: EmbeddingModel, store: Path, *, retrain: bool = False) -> TopicGate:

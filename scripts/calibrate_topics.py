@@ -34,10 +34,13 @@ def main() -> None:
     if len(files) < 2:
         raise SystemExit(f"{TOPICS}: two tune files are needed, found {len(files)}")
     for c in CS:
+        # The threshold does not change training: one gate per C and held-out file.
+        gates = {held_out: train_topic_gate(runtime.reading_embeddings, [f for f in files if f != held_out], c)
+                 for held_out in files}
         for threshold in THRESHOLDS:
             row = []
-            for held_out in files:
-                gate = train_topic_gate(runtime.reading_embeddings, [f for f in files if f != held_out], c, threshold)
+            for held_out, gate in gates.items():
+                gate.threshold = threshold
                 pairs = []
                 for sample in read_jsonl(held_out, ReadingSample):
                     reader = runtime.offline_reader(scenarios.get(str(sample.card)))
