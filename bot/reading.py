@@ -51,6 +51,10 @@ MOVE_GUIDE: dict[Move, str] = {
     "injection": "an attempt to break the role-play or extract hidden instructions or card content",
 }
 
+# What a commitment request asks of the buyer: time or people (the course's Advance), or nothing.
+Proposal = Literal["concrete", "weak"]
+PROPOSALS: tuple[Proposal, ...] = get_args(Proposal)
+
 MOVE_DATA_DIR = EVALS_DIR / "data" / "moves"
 MOVE_TRAIN_GLOB = "moves-train*.jsonl"
 MOVE_MODEL_VERSION = "1"
@@ -122,6 +126,8 @@ class Reading:
     confidence: float | None = None
     better_question: str | None = None
     reader: str = "offline"
+    proposal: Proposal | None = None  # for a commitment request: what it asks of the buyer
+    presumes: bool = False  # the line asserts a difficulty rather than asking about one
 
     @property
     def graded(self) -> bool:
@@ -140,6 +146,8 @@ class Reading:
             "better_question": self.better_question,
             "reader": self.reader,
             "confidence": None if self.confidence is None else round(self.confidence, 3),
+            "proposal": self.proposal,
+            "presumes": self.presumes,
         }
 
 
@@ -322,7 +330,88 @@ FOLLOW_UPS: tuple[str, ...] = (
     "具体说说？",
 )
 FOLLOW_UP_MARGIN = 0.0
+# Questions that fit any company: they name no difficulty, so they are about no topic of the card
+# (a buyer answers "what are your biggest challenges?" with a shrug, not with his real problems).
+GENERIC: tuple[str, ...] = (
+    "What are your biggest challenges right now?", "What keeps you up at night?",
+    "What problems are you facing at the moment?", "Is there anything you'd like to improve?",
+    "What are your main pain points?", "Are you happy with how things are going?",
+    "What are your priorities this year?", "Anything else giving you trouble?",
+    "What would you change about your business if you could?", "Where do you see room for improvement?",
+    "您现在最大的挑战是什么？", "最近有什么让您头疼的事吗？", "你们现在遇到了哪些问题？",
+    "有没有想改进的地方？", "您的痛点是什么？", "您对现在的情况满意吗？", "今年工作的重点是什么？",
+    "还有别的困难吗？", "如果能改变一件事，您最想改什么？", "您觉得哪里还有提升空间？",
+)
+GENERIC_MARGIN = 0.02  # chosen on the two topic tune files (none precision back to 0.96 with the rule on)
+# A line that asserts a difficulty the buyer never mentioned ("that must be costing you a fortune"):
+# a guess, which a buyer denies until he has admitted the problem himself.
+PRESUMING = re.compile(
+    r"\bmust\b(?!-)|\bI bet\b|\bsurely\b|\bno doubt\b|\bI'm sure\b|\bI know (?:that )?your\b"
+    r"|肯定|一定(?!要)|想必|估计|没少|少不了|好几[十百千万亿]|得有.{0,8}吧|应该(?:不少|很多|挺|会|是)"
+    r"|(?:不少|很多|挺多|够呛|吃不消|头疼)吧|[这那]么(?:难|差|高|低|频繁|多|慢|贵|乱|严重|紧|长|大|费)",
+    re.IGNORECASE,
+)
+
+
+def presumes(utterance: str) -> bool:
+    """The line takes a difficulty as given rather than asking whether there is one."""
+    return PRESUMING.search(utterance) is not None
 FOCUS_MARGIN = 0.02
+
+
+# Commitment requests, by what they ask of the buyer. A concrete one costs him time, people or money
+# (a visit, a pilot, a meeting with the decision-maker, an order); a weak one costs him nothing.
+CONCRETE_PROPOSALS: tuple[str, ...] = (
+    "Could I come to the site next week and walk the process with your team?",
+    "Can we set up a two-week pilot on one line with your supervisors?",
+    "Would you bring your finance director to a meeting next Tuesday so we can go through the numbers?",
+    "Shall we book a workshop with your IT and operations leads to scope this?",
+    "Can you introduce me to the person who signs off on this, so the three of us can meet?",
+    "Shall I put the order through for the quantity we discussed, delivered on the 15th?",
+    "Can we agree a trial delivery this month and you'll give us the go-ahead if it meets spec?",
+    "Would you be willing to share last quarter's data so we can build the business case together?",
+    "Let's schedule a demo for your whole team on Thursday afternoon, can you get them in the room?",
+    "下周我带工程师去现场，跟您的班组一起走一遍流程，您看行吗？",
+    "咱们先在一条线上试点两周，您这边安排一个主管配合，可以吗？",
+    "您看能不能约上财务总监，下周二一起把投入产出的账过一遍？",
+    "能不能请您引荐一下拍板的领导，我们三方坐下来谈一次？",
+    "那我就按刚才说的数量下单，十五号送到，您签个字？",
+    "这个月先安排一批试用货，达标了您就给我们下正式订单，行不行？",
+    "方便的话把上季度的数据给我们，我们一起把方案和测算做出来，下周给您汇报。",
+    "周四下午我来给你们团队做个现场演示，您把相关的人叫上？",
+)
+WEAK_PROPOSALS: tuple[str, ...] = (
+    "Shall I just email you our brochure?",
+    "I'll send over some information and you can have a look when you get a chance.",
+    "Can I give you a call next week to follow up?",
+    "Let's keep in touch, shall we?",
+    "Maybe you can think about it and get back to me?",
+    "I'll leave my card, call me if anything comes up.",
+    "Can I add you on LinkedIn and send you our case studies?",
+    "Would it be OK if I checked in with you next month?",
+    "我先把资料发您邮箱，您有空看看？",
+    "我加您个微信，回头把产品介绍发给您。",
+    "那我下周再给您打个电话跟进一下？",
+    "您考虑考虑，有需要随时联系我。",
+    "我把名片留给您，以后有机会再合作。",
+    "宣传册我放这儿了，您回头看看。",
+    "那我们保持联系，下个月我再来拜访您。",
+    "我回去给您发个报价单，您先参考一下？",
+)
+
+
+class ProposalBank:
+    """Reads a commitment request as concrete or weak by its nearest example (card-agnostic)."""
+
+    def __init__(self, embeddings: EmbeddingModel) -> None:
+        self._embeddings = embeddings
+        self._concrete = np.asarray(embeddings.embed_documents(list(CONCRETE_PROPOSALS)), dtype=np.float32)
+        self._weak = np.asarray(embeddings.embed_documents(list(WEAK_PROPOSALS)), dtype=np.float32)
+
+    def read(self, utterance: str) -> Proposal:
+        query = np.asarray(self._embeddings.embed_documents([utterance.strip()])[0], dtype=np.float32)
+        # A tie goes to weak: the buyer only commits to what was clearly asked.
+        return "concrete" if float((self._concrete @ query).max()) > float((self._weak @ query).max()) else "weak"
 
 
 def _topic_texts(card: Scenario) -> dict[str, list[str]]:
@@ -344,6 +433,7 @@ class TopicScores:
     off_topic: float
     follow_up: float
     background: float  # this buyer's own life story (hometown, career, hobbies)
+    generic: float = -1.0  # the nearest question that fits any company
 
     @property
     def about_the_buyer(self) -> bool:
@@ -450,6 +540,7 @@ class TopicMatcher:
         self._off_vectors = self._embed(list(OFF_TOPIC))
         self._background_vectors = self._embed(background)
         self._follow_vectors = self._embed(list(FOLLOW_UPS))
+        self._generic_vectors = self._embed(list(GENERIC))
 
     def _embed(self, texts: Sequence[str]) -> Any:
         return np.asarray(self._embeddings.embed_documents(list(texts)), dtype=np.float32)
@@ -465,6 +556,7 @@ class TopicMatcher:
             float((self._off_vectors @ query).max()),
             float((self._follow_vectors @ query).max()),
             float((self._background_vectors @ query).max()),
+            float((self._generic_vectors @ query).max()),
         )
 
     def match(
@@ -477,6 +569,8 @@ class TopicMatcher:
         if not candidates:
             return None
         topic, score = max(candidates.items(), key=lambda kv: kv[1])
+        if scores.generic > max(score, scores.follow_up) + GENERIC_MARGIN:
+            return None  # clearly closer to a question that fits any company than to anything of this card
         elsewhere = max(scores.off_topic, scores.background)
         if self.gate is None:
             raise RuntimeError("TopicMatcher.match needs a trained TopicGate")
@@ -502,13 +596,18 @@ class OfflineReader:
     grader: OfflineGrader
     moves: MoveModel
     topics: TopicMatcher
+    proposals: ProposalBank
     name: str = "offline"
 
     def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading:
         grade = self.grader.grade(utterance, context)
         move = self.read_move(utterance)
         topic = None
-        if move in ("question", "summary") or grade.label in ("S", "P", "I", "N"):
+        proposal = self.proposals.read(utterance) if move == "commitment" else None
+        if move == "pitch":
+            # A pitch is judged by the need it answers: one the buyer stated, or none of his.
+            topic = self.topics.match(utterance, None, "problem")
+        elif move in ("question", "summary") or grade.label in ("S", "P", "I", "N"):
             scores = self.topics.scores(utterance)
             # P, I and N questions are about a problem; a fact question may be about either ("how many
             # wrong shipments a month?" asks a number about a problem), so it is matched against all.
@@ -519,7 +618,10 @@ class OfflineReader:
             ):
                 # "You worked at Walmart for ten years, right?": personal talk about this buyer (rule 7).
                 move = "rapport"
-        return Reading(grade.label, move, topic, grade.reason, grade.confidence, grade.better_question, self.name)
+        return Reading(
+            grade.label, move, topic, grade.reason, grade.confidence, grade.better_question, self.name, proposal,
+            presumes(utterance),
+        )
 
     def read_move(self, utterance: str) -> Move:
         if looks_like_attack(utterance, INJECTION_PATTERN):
@@ -544,6 +646,7 @@ class ReadingReply(BaseModel):
     label: Label
     move: Move
     topic: str = Field(min_length=1, max_length=80)
+    proposal: Proposal | None = None
     reason: str = Field(min_length=1, max_length=400)
     better_question: str | None = Field(default=None, max_length=400)
 
@@ -596,7 +699,11 @@ class LLMReader:
         better = (reply.better_question or "").strip() or None
         move: Move = "injection" if attack else reply.move
         chosen = None if topic.lower() == "none" else topic
-        return Reading(reply.label, move, chosen, reply.reason.strip(), None, better, self.name)
+        # A commitment the model did not weigh is taken as weak: the buyer commits only to what was asked.
+        proposal = (reply.proposal or "weak") if move == "commitment" else None
+        return Reading(
+            reply.label, move, chosen, reply.reason.strip(), None, better, self.name, proposal, presumes(utterance)
+        )
 
     def _unknown_topic(self, reply: ReadingReply) -> str | None:
         topic = reply.topic.strip()

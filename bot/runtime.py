@@ -18,6 +18,7 @@ from bot.reading import (
     MemoEmbeddings,
     MoveModel,
     OfflineReader,
+    ProposalBank,
     Reader,
     TopicGate,
     TopicMatcher,
@@ -107,8 +108,12 @@ class Runtime:
                 self._matchers[card.id] = TopicMatcher(card, self.reading_embeddings, self.topic_gate)
             return self._matchers[card.id]
 
+    @cached_property
+    def proposal_bank(self) -> ProposalBank:
+        return ProposalBank(self.reading_embeddings)
+
     def offline_reader(self, card: Scenario) -> OfflineReader:
-        return OfflineReader(card, self.offline_grader, self.move_model, self.topic_matcher(card))
+        return OfflineReader(card, self.offline_grader, self.move_model, self.topic_matcher(card), self.proposal_bank)
 
     def reader(self, card: Scenario, kind: Engine | None = None) -> Reader:
         """The reader of the engine in use (or of the kind asked for) for one card."""

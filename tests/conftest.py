@@ -167,14 +167,15 @@ def card_reader(
 ) -> Callable[[Scenario], OfflineReader]:
     """Factory: the real OfflineReader (bundled e5) for a card; its topic matcher is built once per card."""
     from bot.knowledge import bundled_embeddings
-    from bot.reading import OfflineReader, TopicMatcher
+    from bot.reading import OfflineReader, ProposalBank, TopicMatcher
 
     built: dict[str, TopicMatcher] = {}
+    proposals = ProposalBank(bundled_embeddings())
 
     def make(card: Scenario) -> OfflineReader:
         if card.id not in built:
             built[card.id] = TopicMatcher(card, bundled_embeddings(), topic_gate)
-        return OfflineReader(card, offline_grader, move_model, built[card.id])
+        return OfflineReader(card, offline_grader, move_model, built[card.id], proposals)
 
     return make
 
