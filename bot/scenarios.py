@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,11 +17,17 @@ ValueType = Literal["intrinsic", "extrinsic", "strategic"]
 SalesType = Literal["transactional", "consultative", "enterprise"]
 NeedState = Literal["must_meet", "not_urgent", "not_discovered", "no_need"]
 Difficulty = Literal["easy", "normal", "hard"]
-DecisionRole = Literal["decision_maker", "influencer", "user", "gatekeeper"]
-LINE_KEYS = (
-    "greeting", "rapport", "vague", "nothing_more", "impatient",
-    "premature_payoff", "not_yet", "pitch", "deflect", "ack",
-)
+DecisionRole = Literal["economic_buyer", "decision_maker", "influencer", "user", "gatekeeper"]
+# The buyer's stock lines, by situation: a card words each one its own way (at least one variant).
+LineKey = Literal[
+    "greeting", "rapport", "vague", "nothing_more", "impatient", "premature_payoff", "not_yet",
+    "sceptical", "benefit", "pushback", "walk_out", "deflect", "ack",
+]
+LINE_KEYS: tuple[LineKey, ...] = get_args(LineKey)
+# The course pairs each customer value type with one sales type.
+SALES_TYPE_FOR: dict[ValueType, SalesType] = {
+    "intrinsic": "transactional", "extrinsic": "consultative", "strategic": "enterprise",
+}
 
 
 class ScenarioError(ValueError):
@@ -69,6 +75,7 @@ class Advance(_Strict):
     yes: Text
     continuation: Text
     no_sale: Text
+    order: Text | None = None  # transactional sales only: the buyer places the order then and there
 
     @model_validator(mode="before")
     @classmethod
@@ -96,7 +103,7 @@ class Scenario(_Strict):
     problems: list[Problem] = Field(min_length=2, max_length=4)
     objections: list[Text] = Field(min_length=1)
     advance: Advance
-    lines: dict[str, list[Text]]
+    lines: dict[str, list[Text]]  # keyed by LineKey; checked below so the error names the key
 
     @field_validator("lines")
     @classmethod
@@ -117,7 +124,29 @@ class Scenario(_Strict):
             raise ValueError(f"duplicate fact/problem ids: {', '.join(duplicates)}")
         if self.advance.requires_explicit_needs > len(self.problems):
             raise ValueError("advance.requires_explicit_needs is more than the number of problems")
+        if (self.advance.order is not None) != (self.sales_type == "transactional"):
+            raise ValueError("advance.order is for transactional sales, and a transactional card needs one")
         return self
+
+    def coherence(self) -> list[str]:
+        """What does not fit the card's value type, sales type and need state (empty when it all fits)."""
+        problems: list[str] = []
+        expected = SALES_TYPE_FOR[self.value_type]
+        if self.sales_type != expected:
+            problems.append(
+                f"sales_type: the course pairs a {self.value_type}-value buyer with {expected} selling, "
+                f"not {self.sales_type}"
+            )
+        needs = self.advance.requires_explicit_needs
+        if self.sales_type == "transactional" and needs > 1:
+            problems.append("advance.requires_explicit_needs: a transactional sale is won in a short call (1 need)")
+        if self.sales_type != "transactional" and needs < 2:
+            problems.append(
+                f"advance.requires_explicit_needs: a {self.sales_type} sale needs at least 2 explicit needs"
+            )
+        if self.need_state == "no_need" and self.difficulty == "easy":
+            problems.append("difficulty: a buyer with no need is not an easy call")
+        return problems
 
     def problem(self, problem_id: str) -> Problem:
         return next(p for p in self.problems if p.id == problem_id)

@@ -20,7 +20,7 @@ CARD = "warehouse-extrinsic-01"
 
 def test_all_builtin_cards_load() -> None:
     cards = scenarios.load_all()
-    assert len(cards) == len(list(SCENARIOS_DIR.glob("*.yaml"))) == 6
+    assert len(cards) == len(list(SCENARIOS_DIR.glob("*.yaml"))) >= 12
     assert [c.id for c in cards] == sorted(p.stem for p in SCENARIOS_DIR.glob("*.yaml"))
     assert {c.id for c in scenarios.builtin()} == {c.id for c in cards}
     assert scenarios.get(CARD).id == CARD
@@ -31,11 +31,42 @@ def test_builtin_cards_cover_value_types_sales_types_need_states_and_difficultie
     by_value: dict[str, int] = {}
     for card in cards:
         by_value[card.value_type] = by_value.get(card.value_type, 0) + 1
-    assert by_value == {"intrinsic": 2, "extrinsic": 2, "strategic": 2}
+    assert by_value == {"intrinsic": 4, "extrinsic": 4, "strategic": 4}
     assert {c.sales_type for c in cards} == {"transactional", "consultative", "enterprise"}
     assert {c.need_state for c in cards} == {"must_meet", "not_urgent", "not_discovered", "no_need"}
     assert {c.difficulty for c in cards} == {"easy", "normal", "hard"}
-    assert {c.advance.requires_explicit_needs for c in cards} >= {1, 2}
+    assert {c.advance.requires_explicit_needs for c in cards} >= {1, 2, 3}
+    assert len({c.industry.en for c in cards}) >= 8
+    assert {c.buyer.decision_role for c in cards} >= {"economic_buyer", "decision_maker", "influencer"}
+
+
+def test_every_builtin_card_fits_its_types() -> None:
+    misfits = {card.id: card.coherence() for card in scenarios.builtin() if card.coherence()}
+    assert misfits == {}
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        ({"value_type": "intrinsic"}, "pairs a intrinsic-value buyer with transactional selling, not consultative"),
+        ({"need_state": "no_need", "difficulty": "easy"}, "a buyer with no need is not an easy call"),
+    ],
+)
+def test_coherence_names_what_does_not_fit(edit: dict[str, str], problem: str) -> None:
+    card = scenarios.get(CARD).model_copy(update=edit)
+    assert any(problem in p for p in card.coherence())
+
+
+def test_validate_reports_a_misfit_card(write_card: Callable[..., Path], runner: CliRunner) -> None:
+    path = write_card(lambda d: d.update(value_type="strategic"))
+    result = runner.invoke(app, ["scenarios", "validate", str(path.parent)])
+    assert result.exit_code == 2 and "pairs a strategic-value buyer with enterprise selling" in result.stderr
+
+
+def test_a_transactional_card_needs_an_order(write_card: Callable[..., Path]) -> None:
+    path = write_card(lambda d: d.update(sales_type="transactional"))
+    with pytest.raises(ScenarioError, match=r"advance\.order is for transactional sales"):
+        scenarios.load_card(path)
 
 
 @pytest.mark.parametrize("card", scenarios.builtin(), ids=lambda c: c.id)
@@ -65,14 +96,15 @@ def runner() -> CliRunner:
 def test_cli_scenarios_validate_builtin(runner: CliRunner) -> None:
     result = runner.invoke(app, ["scenarios", "validate"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("6 card(s) valid: ") and CARD in result.stdout
+    count = len(list(SCENARIOS_DIR.glob("*.yaml")))
+    assert result.stdout.startswith(f"{count} card(s) valid: ") and CARD in result.stdout
 
 
 def test_cli_scenarios_list_json(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["scenarios", "list", "--json", "-"])
     assert result.exit_code == 0, result.output
     cards = json.loads(result.stdout)
-    assert len(cards) == 6
+    assert len(cards) == len(list(SCENARIOS_DIR.glob("*.yaml")))
     for item in cards:
         assert {"id", "title", "value_type", "sales_type", "difficulty"} <= set(item)
         card = scenarios.get(item["id"])
