@@ -11,7 +11,7 @@ from langchain_core.messages import AIMessage, HumanMessage
 from bot import prompts
 from bot.coach import Retriever
 from bot.llm import ChatModel
-from bot.roleplay import CallState, Reaction
+from bot.roleplay import REACTIONS, CallState, Reaction
 from bot.scenarios import Scenario
 from bot.text import Language, defuse_tags
 from bot.tokens import count_message_tokens, fit_passages, trim_history
@@ -35,26 +35,6 @@ CONCEPT_QUERIES = {
     "intrinsic": "内在价值型客户 追求低价 更便宜的没有麻烦的蛋糕",
     "extrinsic": "外在价值型客户 期待销售人员创造额外价值 更大的蛋糕",
     "strategic": "战略价值型客户 利用供应商的企业竞争力 平衡的膳食",
-}
-INSTRUCTIONS: dict[str, str] = {
-    "fact": "answer the rep's factual question.",
-    "implied": "admit this difficulty, a little reluctantly.",
-    "implication": "describe this consequence of the problem you admitted.",
-    "explicit": "state clearly that you want this solved and why it matters to you.",
-    "objection": "the rep is pitching before you have said you need anything: push back with this objection.",
-    "benefit": "acknowledge the rep's point briefly, neither warm nor cold.",
-    "advance": "agree to this concrete next step.",
-    "continuation": "end politely without committing to a specific next step.",
-    "no_sale": "politely decline and end the conversation.",
-    "rapport": "respond warmly to the personal remark.",
-    "greeting": "return the greeting briefly and get down to business.",
-    "vague": "say you don't follow and ask what exactly the rep means.",
-    "nothing_more": "say you have already told them that.",
-    "impatient": "show impatience with so many basic questions.",
-    "premature_payoff": "say you don't see a problem that needs solving.",
-    "not_yet": "downplay it; do not admit any problem yet.",
-    "deflect": "stay in character, politely refuse, and reveal nothing.",
-    "ack": "acknowledge briefly.",
 }
 
 
@@ -116,7 +96,7 @@ class LLMBuyer:
             disclosed=disclosed(card, turn.state, language) or "(nothing yet)",
             trust=trust_words(turn.state.trust),
             concepts=self._course_notes(card),
-            instruction=INSTRUCTIONS[turn.reaction.kind],
+            instruction=REACTIONS[turn.reaction.kind].instruction,
             convey=turn.planned,
             language_name=LANGUAGE_NAMES[language],
             rep_message=_data(turn.rep_text),

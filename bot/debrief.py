@@ -12,16 +12,11 @@ from pydantic import BaseModel, Field
 from bot import prompts
 from bot.grader import LABEL_NAMES, LABELS, Grader
 from bot.llm import ChatModel, LLMError
-from bot.roleplay import CallState, unfinished_outcome
-from bot.scenarios import Scenario
+from bot.roleplay import CallState, spec_of, unfinished_outcome
+from bot.scenarios import Scenario, Text
 from bot.text import Language
 from bot.transcripts import Turn
 
-# How bad a turn was, by the buyer's reaction: the worst ones are rewritten.
-_WEAKNESS = {
-    "objection": 5, "premature_payoff": 4, "impatient": 3, "not_yet": 3, "deflect": 2,
-    "vague": 2, "nothing_more": 1,
-}
 LARGE_SALE_TYPES = ("consultative", "enterprise")
 
 
@@ -48,6 +43,7 @@ class Debrief:
     premature_pitches: int
     objections: int
     outcome: str
+    ending: list[str] = field(default_factory=list)  # why the call ended as it did, headline first
     pattern: list[str] = field(default_factory=list)
     rewrites: list[Rewrite] = field(default_factory=list)
     advice: str = ""
@@ -57,25 +53,32 @@ class Debrief:
 
 
 def next_step(card: Scenario, state: CallState, language: Language) -> tuple[str, str]:
-    """The next SPIN move toward a topic still locked, as (label, example question)."""
+    """The next SPIN move as (label, example question). It names only what the buyer has already
+    said: a hint teaches the kind of question, never the card's locked answers."""
     zh = language == "zh"
-    for problem in card.problems:
-        if problem.id in state.implied and state.implications.get(problem.id, 0) == 0:
-            topic = problem.topic(language)
-            return "I", (f"{topic}这个问题，对成本、客户或者其他部门带来了什么影响？" if zh
-                         else f"What effect does that ({topic}) have on your costs, customers or other teams?")
-    for problem in card.problems:
-        if problem.id in state.implied and problem.id not in state.explicit:
-            topic = problem.topic(language)
+    if len(state.explicit) >= card.advance.requires_explicit_needs:
+        if card.advance.order is not None:
+            return "O", ("您看按刚才说的，我们今天把订单和交货时间定下来？" if zh
+                         else "Based on what we've discussed, shall we settle the order and delivery date today?")
+        return "O", ("您看下周我带方案到现场，请相关负责人一起看一下，可以吗？" if zh
+                     else "Could I bring a proposal to your site next week and go through it with the people involved?")
+    for problem_id in state.implied:
+        if state.implications.get(problem_id, 0) == 0:
+            topic = card.problem(problem_id).topic(language)
+            return "I", (f"您刚才提到{topic}，这对成本、客户或者其他部门带来了什么影响？" if zh
+                         else f"You mentioned {topic}. What does that do to your costs, customers or other teams?")
+    for problem_id in state.implied:
+        if problem_id not in state.explicit:
+            topic = card.problem(problem_id).topic(language)
             return "N", (f"如果{topic}的问题解决了，对您有什么帮助？" if zh
                          else f"If {topic} were solved, how would that help you?")
-    for problem in card.problems:
-        if problem.id not in state.implied:
-            topic = problem.topic(language)
-            return "P", (f"在{topic}这方面，现在有没有遇到什么困难？" if zh
-                         else f"When it comes to {topic}, is anything causing you difficulty?")
-    return "O", ("您看下一步我们能不能约个时间，把方案和相关负责人一起过一遍？" if zh
-                 else "Would it make sense to set a date to walk through a proposal with the people involved?")
+    if state.facts:
+        topic = card.fact(state.facts[-1]).topic(language)
+        return "P", (f"说到{topic}，这方面有没有让您不太满意、或者比较费劲的地方？" if zh
+                     else f"On {topic}: is anything there causing you difficulty or dissatisfaction?")
+    # Nothing said yet: a Situation question about the work the rep's offer touches, in general words.
+    return "S", ("您这边这块工作现在具体是怎么做的？大概是什么规模？" if zh
+                 else "How does your team handle this part of the work today, and at what scale?")
 
 
 def build(
@@ -106,6 +109,7 @@ def build(
         objections=final.objections if final else 0,
         outcome=outcome or (final.outcome or unfinished_outcome(final) if final else "No-sale"),
     )
+    debrief.ending = _ending(card, turns, final, debrief.outcome, language)
     debrief.pattern = _pattern(card, debrief, language)
     debrief.rewrites = _rewrites(card, turns, language, grader)
     debrief.advice = _advice(debrief, language)
@@ -130,10 +134,16 @@ def _pattern(card: Scenario, d: Debrief, language: Language) -> list[str]:
                      if zh else
                      f"Implication and Need-payoff questions were only {share['I'] + share['N']:.0%}: once a "
                      "problem is out, ask about its consequences, then let the buyer state the value.")
-    else:
+    elif d.explicit:
         notes.append(f"暗示和需求-效益问题占 {share['I'] + share['N']:.0%}，符合大生意的成功模式。" if zh else
                      f"Implication and Need-payoff questions made up {share['I'] + share['N']:.0%}: "
                      "the pattern of successful large-sale calls.")
+    else:
+        # The share alone proves nothing: these questions only count when they develop a real problem.
+        notes.append(f"暗示和需求-效益问题占 {share['I'] + share['N']:.0%}，但没有落在客户承认的难点上，"
+                     "一个明确需求也没有形成。" if zh else
+                     f"Implication and Need-payoff questions made up {share['I'] + share['N']:.0%}, but they did "
+                     "not build on a problem the buyer had admitted, so no explicit need came of them.")
     if d.premature_pitches:
         notes.append(f"在客户说出明确需求之前介绍了 {d.premature_pitches} 次产品，引来了异议。" if zh else
                      f"You pitched {d.premature_pitches} time(s) before the buyer stated an explicit need, "
@@ -141,11 +151,77 @@ def _pattern(card: Scenario, d: Debrief, language: Language) -> list[str]:
     return notes
 
 
+def _ending(
+    card: Scenario, turns: Sequence[Turn], final: CallState | None, outcome: str, language: Language
+) -> list[str]:
+    """Why the call ended as it did: the headline, then what led there."""
+    kinds = [str(t.reaction.get("kind", "")) for t in turns]
+    last = kinds[-1] if kinds else ""
+    needed = card.advance.requires_explicit_needs
+    implied = len(final.implied) if final else 0
+    explicit = len(final.explicit) if final else 0
+    if outcome in ("Advance", "Order"):
+        return [Text(
+            zh=f"客户同意了具体的下一步：他说出了 {explicit} 个明确需求，而你提议的行动需要他投入时间或人手。",
+            en=f"The buyer agreed to a concrete next step: he had stated {explicit} explicit need(s), and your "
+            "proposal asked him for time or people.",
+        )(language)]
+    reasons: list[Text] = []
+    if last == "walk_out":
+        reasons.append(Text(zh="客户的信任耗尽，提前结束了会面。",
+                            en="The buyer's trust ran out and he ended the meeting."))
+    elif last == "continuation" and explicit >= needed:
+        reasons.append(Text(
+            zh="需求已经足够，但结束时请求的承诺太弱（比如发资料、下周再联系），客户不用付出任何行动。",
+            en="There were enough explicit needs, but the close asked for nothing concrete (a brochure, a call "
+            "next week), so the buyer committed to nothing.",
+        ))
+    elif last in ("continuation", "no_sale") and "pushback" in kinds:
+        reasons.append(Text(zh="多次过早请求承诺，客户结束了会面。",
+                            en="You kept asking for commitment too early, and the buyer ended the meeting."))
+    elif last not in ("continuation", "no_sale"):
+        reasons.append(Text(zh="通话结束时没有请求承诺。", en="The call ended without asking for a commitment."))
+    played_down, vague = kinds.count("not_yet"), kinds.count("vague")
+    if implied == 0 and played_down:
+        reasons.append(Text(
+            zh=f"客户对 {played_down} 个问题轻描淡写：信任还不够时就问难点，或者猜测了他没提过的问题的后果。",
+            en=f"The buyer played down {played_down} question(s): problems asked before he trusted you, or "
+            "consequences of problems he had never mentioned.",
+        ))
+    elif implied == 0 and vague:
+        reasons.append(Text(
+            zh=f"有 {vague} 个问题没有指向客户业务里的具体事情，一个难点也没发现。",
+            en=f"{vague} question(s) were about nothing specific in his business, so no problem came out.",
+        ))
+    elif implied == 0:
+        reasons.append(Text(zh="没有问难点问题，客户一个难点也没承认。",
+                            en="No Problem questions were asked, so the buyer admitted no difficulty."))
+    elif explicit < needed:
+        reasons.append(Text(
+            zh=f"需求停留在隐含阶段：发现了 {implied} 个难点，只有 {explicit} 个发展成明确需求，"
+            f"这位客户需要 {needed} 个。",
+            en=f"Needs stayed implied: {implied} problem(s) came out but only {explicit} became explicit needs; "
+            f"this buyer needs {needed}.",
+        ))
+    if final and final.premature_pitches:
+        reasons.append(Text(
+            zh=f"在明确需求之前介绍了 {final.premature_pitches} 次产品，每次都消耗了信任。",
+            en=f"You pitched {final.premature_pitches} time(s) before any explicit need, and each cost trust.",
+        ))
+    if "impatient" in kinds or "nothing_more" in kinds:
+        reasons.append(Text(zh="背景问题太多或重复提问，客户失去了耐心。",
+                            en="Too many basic or repeated questions cost the buyer's patience."))
+    return [reason(language) for reason in reasons]
+
+
 def _rewrites(card: Scenario, turns: Sequence[Turn], language: Language, grader: Grader | None) -> list[Rewrite]:
     scored = []
     for index, turn in enumerate(turns):
         kind = str(turn.reaction.get("kind", ""))
-        weakness = _WEAKNESS.get(kind, 1 if turn.label == "S" and kind == "fact" else 0)
+        spec = spec_of(kind)
+        weakness = spec.weakness if spec is not None else 0
+        if kind == "fact" and turn.label == "S":
+            weakness = 1  # a Situation question could often have been homework
         if weakness:
             scored.append((weakness, index))
     chosen = sorted(sorted(scored, key=lambda x: (-x[0], x[1]))[:3], key=lambda x: x[1])
@@ -154,6 +230,8 @@ def _rewrites(card: Scenario, turns: Sequence[Turn], language: Language, grader:
         turn = turns[index]
         before = CallState.from_json(turns[index - 1].state) if index else _initial(card)
         suggested_label, better = next_step(card, before, language)
+        if suggested_label == turn.label and not turn.better_question:
+            continue  # no better kind of question to offer at that moment
         label: str | None = suggested_label
         if turn.better_question:
             better, label = turn.better_question, None
@@ -237,6 +315,9 @@ def markdown(d: Debrief) -> str:
     zh = d.language == "zh"
     names = LABEL_NAMES[d.language]
     lines = [f"## {'复盘' if zh else 'Debrief'}", "", d.advice, ""]
+    if d.ending:
+        lines += [f"**{'为什么是这个结果' if zh else 'Why it ended this way'}**", "",
+                  *[f"- {reason}" for reason in d.ending], ""]
     lines += [f"| {'类型' if zh else 'type'} | {'次数' if zh else 'count'} | {'占比' if zh else 'share'} |",
               "|---|---|---|"]
     lines += [f"| {k} {names[k]} | {d.counts[k]} | {d.mix[k]:.0%} |" for k in LABELS]

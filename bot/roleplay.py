@@ -8,10 +8,10 @@ does now. No embeddings and no model here: only rules.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, get_args
 
 from bot.reading import Reading, topic_kind
-from bot.scenarios import Difficulty, Scenario, Text
+from bot.scenarios import Difficulty, LineKey, Scenario, Text
 from bot.text import Language
 
 Outcome = Literal["Order", "Advance", "Continuation", "No-sale"]
@@ -22,18 +22,27 @@ class Rules:
     """Thresholds that the difficulty level sets."""
 
     start_trust: float
-    problem_trust: float  # trust needed before the buyer admits a problem
+    problem_trust: float  # trust the buyer needs before he admits a problem, weighs its cost or commits
     situation_limit: int  # Situation questions in a row before impatience
 
 
 RULES: dict[Difficulty, Rules] = {
     "easy": Rules(0.6, 0.3, 5),
     "normal": Rules(0.5, 0.4, 4),
-    "hard": Rules(0.4, 0.5, 3),
+    "hard": Rules(0.45, 0.5, 3),
 }
-RAPPORT_GAIN, RAPPORT_MAX = 0.1, 3
-PROGRESS_GAIN = 0.03
-PITCH_PENALTY, INJECTION_PENALTY, IMPATIENCE_PENALTY = 0.15, 0.1, 0.05
+# Credibility comes from competence (course: 能力): a few relevant questions, each problem question
+# aimed at a real difficulty, an accurate summary. Small talk helps a little and only twice.
+FACT_CREDIT_MAX = 2
+RAPPORT_MAX = 2
+SMALL_TALK_COST = 0.02  # small talk beyond RAPPORT_MAX uses up the buyer's time
+AIMED_GAIN = 0.04  # a well-aimed problem question or summary, once per topic
+GUESS_COST = 0.02  # an implication about a problem the buyer never admitted is presumptuous
+WALK_OUT_TRUST = 0.15  # below this the buyer ends the meeting
+PUSHBACK_MAX = 2  # early closes the buyer sits through before he ends the meeting
+INTRINSIC_PATIENCE = 12  # questions an intrinsic buyer answers before he wants the price
+
+
 @dataclass(frozen=True)
 class CallState:
     """Everything the buyer knows about the call so far; saved with every turn."""
@@ -48,8 +57,12 @@ class CallState:
     explicit: tuple[str, ...] = ()
     objections: int = 0
     premature_pitches: int = 0
+    pushbacks: int = 0
+    repeats: int = 0
     rapport_moves: int = 0
     situation_streak: int = 0
+    questions: int = 0
+    credited: tuple[str, ...] = ()  # topics that already earned the rep credibility
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys("SPINO", 0))
     line_cursor: dict[str, int] = field(default_factory=dict)
     focus: str | None = None
@@ -61,7 +74,8 @@ class CallState:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["facts"], data["implied"], data["explicit"] = list(self.facts), list(self.implied), list(self.explicit)
+        for key in _TUPLES:
+            data[key] = list(getattr(self, key))
         data["trust"] = round(self.trust, 3)
         return data
 
@@ -69,9 +83,12 @@ class CallState:
     def from_json(cls, data: dict[str, Any]) -> CallState:
         known = cls.__dataclass_fields__
         values = {k: v for k, v in data.items() if k in known}
-        for key in ("facts", "implied", "explicit"):
+        for key in _TUPLES:
             values[key] = tuple(values.get(key, ()))
         return cls(**values)
+
+
+_TUPLES = ("facts", "implied", "explicit", "credited")
 
 
 def unfinished_outcome(state: CallState) -> Outcome:
@@ -84,10 +101,130 @@ def start(card: Scenario) -> CallState:
 
 
 ReactionKind = Literal[
-    "fact", "implied", "implication", "explicit", "objection", "benefit", "advance", "continuation",
-    "no_sale", "rapport", "greeting", "vague", "nothing_more", "impatient", "premature_payoff",
-    "not_yet", "deflect", "ack",
+    "fact", "implied", "implication", "explicit", "objection", "benefit", "sceptical", "advance", "order",
+    "continuation", "no_sale", "pushback", "walk_out", "rapport", "greeting", "vague", "nothing_more",
+    "impatient", "premature_payoff", "not_yet", "deflect", "ack",
 ]
+REACTION_KINDS: tuple[ReactionKind, ...] = get_args(ReactionKind)
+
+
+@dataclass(frozen=True)
+class ReactionSpec:
+    """How the buyer meets one kind of turn.
+
+    `line` is the card's stock line the offline buyer speaks (None: a card text is disclosed);
+    `instruction` tells the LLM buyer what to do; `trust` is what the turn does to the buyer's trust;
+    `weakness` ranks the turn for the debrief's rewrites (0: nothing to rewrite) and `lesson` says why.
+    """
+
+    line: LineKey | None
+    instruction: str
+    trust: float = 0.0
+    weakness: int = 0
+    lesson: Text | None = None
+
+
+class _ReactionTable(TypedDict):
+    """One entry per ReactionKind: mypy reports a kind left out."""
+
+    fact: ReactionSpec
+    implied: ReactionSpec
+    implication: ReactionSpec
+    explicit: ReactionSpec
+    objection: ReactionSpec
+    benefit: ReactionSpec
+    sceptical: ReactionSpec
+    advance: ReactionSpec
+    order: ReactionSpec
+    continuation: ReactionSpec
+    no_sale: ReactionSpec
+    pushback: ReactionSpec
+    walk_out: ReactionSpec
+    rapport: ReactionSpec
+    greeting: ReactionSpec
+    vague: ReactionSpec
+    nothing_more: ReactionSpec
+    impatient: ReactionSpec
+    premature_payoff: ReactionSpec
+    not_yet: ReactionSpec
+    deflect: ReactionSpec
+    ack: ReactionSpec
+
+
+REACTIONS: _ReactionTable = {
+    "fact": ReactionSpec(None, "answer the rep's factual question.", 0.04),
+    "implied": ReactionSpec(None, "admit this difficulty, a little reluctantly.", 0.04),
+    "implication": ReactionSpec(None, "describe this consequence of the problem you admitted.", 0.03),
+    "explicit": ReactionSpec(None, "state clearly that you want this solved and why it matters to you.", 0.03),
+    "objection": ReactionSpec(
+        None, "the rep is pitching before you have said you need anything: push back with this objection.",
+        -0.12, 5, Text(zh="在客户说出明确需求之前介绍产品，引来了异议。",
+                       en="You pitched before the buyer stated an explicit need, which drew an objection."),
+    ),
+    "benefit": ReactionSpec(
+        "benefit", "the rep tied a capability to a need you stated: show interest and ask one practical "
+        "question (how fast, proof, cost) without agreeing to buy.", 0.04,
+    ),
+    "sceptical": ReactionSpec(
+        "sceptical", "the rep described a feature that answers none of the needs you stated: say you don't "
+        "see how it helps with what you told them.", -0.05, 3,
+        Text(zh="介绍的功能和客户说出的需求无关。",
+             en="You described a feature that answered none of the buyer's needs."),
+    ),
+    "advance": ReactionSpec(None, "agree to this concrete next step."),
+    "order": ReactionSpec(None, "place this order."),
+    "continuation": ReactionSpec(
+        None, "end politely without committing to a specific next step.", 0.0, 2,
+        Text(zh="结束时请求的承诺太弱，客户不用付出任何行动。",
+             en="The close asked for nothing concrete, so the buyer committed to nothing."),
+    ),
+    "no_sale": ReactionSpec(None, "politely decline and end the conversation.", 0.0, 3,
+                            Text(zh="客户拒绝了。", en="The buyer declined.")),
+    "pushback": ReactionSpec(
+        "pushback", "the rep asked for commitment too early: decline for now, but stay in the meeting.",
+        -0.08, 4, Text(zh="过早请求承诺：客户还没有说出足够的明确需求。",
+                       en="You asked for commitment before the buyer had stated enough explicit needs."),
+    ),
+    "walk_out": ReactionSpec(
+        "walk_out", "you have lost patience with this rep: end the meeting politely but firmly.", 0.0, 5,
+        Text(zh="客户的信任耗尽，提前结束了会面。", en="The buyer's trust ran out and he ended the meeting."),
+    ),
+    "rapport": ReactionSpec("rapport", "respond warmly to the personal remark, briefly.", 0.03),
+    "greeting": ReactionSpec("greeting", "return the greeting briefly and get down to business."),
+    "vague": ReactionSpec(
+        "vague", "say you don't follow and ask what exactly the rep means.", -0.03, 2,
+        Text(zh="问题没有指向客户业务里的具体事情。",
+             en="The question was not about anything specific in the buyer's business."),
+    ),
+    "nothing_more": ReactionSpec(
+        "nothing_more", "say you have already told them that.", -0.05, 2,
+        Text(zh="重复问了客户已经回答过的事。", en="You asked again about something the buyer had already told you."),
+    ),
+    "impatient": ReactionSpec(
+        "impatient", "show impatience with so many basic questions.", -0.06, 3,
+        Text(zh="背景问题问得太多，客户不耐烦了。", en="Too many basic questions: the buyer lost patience."),
+    ),
+    "premature_payoff": ReactionSpec(
+        "premature_payoff", "say you don't see a problem that needs solving.", -0.04, 4,
+        Text(zh="客户还没承认任何难点，就谈解决方案的价值。",
+             en="You talked about the value of a solution before the buyer admitted any problem."),
+    ),
+    "not_yet": ReactionSpec(
+        "not_yet", "downplay it; do not admit any problem yet.", 0.0, 3,
+        Text(zh="客户的信任还不够，或者还没承认这个难点，所以轻描淡写。",
+             en="The buyer played it down: not enough trust yet, or he had not admitted that problem."),
+    ),
+    "deflect": ReactionSpec(
+        "deflect", "stay in character, politely refuse, and reveal nothing.", -0.10, 2,
+        Text(zh="试图打破角色扮演。", en="The line tried to break the role-play."),
+    ),
+    "ack": ReactionSpec("ack", "acknowledge briefly."),
+}
+
+
+def spec_of(kind: str) -> ReactionSpec | None:
+    """The table entry for a saved reaction kind (None for a kind this version does not know)."""
+    return REACTIONS[kind] if kind in REACTION_KINDS else None
 
 
 @dataclass(frozen=True)
@@ -107,24 +244,49 @@ def step(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState,
     """The next state and the buyer's reaction to one read rep utterance."""
     if state.ended:
         raise ValueError("the call has ended")
-    rules = RULES[card.difficulty]
     label = reading.label
     counts = dict(state.counts)
     if label in counts:
         counts[label] += 1
-    state = replace(state, turn=state.turn + 1, counts=counts)
-    streak = state.situation_streak + 1 if label == "S" else 0
-    state = replace(state, situation_streak=streak)
+    asking = label in ("S", "P", "I", "N") and reading.move in ("question", "summary")
+    state = replace(
+        state, turn=state.turn + 1, counts=counts, situation_streak=state.situation_streak + 1 if label == "S" else 0,
+        questions=state.questions + (1 if asking else 0),
+    )
+    state, reaction = _react(card, state, reading)
+    if not state.ended and state.trust < WALK_OUT_TRUST:
+        return replace(state, outcome="No-sale"), Reaction("walk_out")
+    return state, reaction
 
+
+def _react(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState, Reaction]:
+    rules = RULES[card.difficulty]
+    label = reading.label
     if reading.injection:
-        return _trust(state, -INJECTION_PENALTY), Reaction("deflect")
+        return _apply(state, Reaction("deflect"))
     if label is None:
         # Ungraded (the LLM reader failed): unlock nothing rather than guess.
         return state, Reaction("vague")
-    if reading.move in ("rapport", "greeting"):
+    if reading.move == "commitment":
+        # Judged by the action proposed, whatever its label ("Would a pilot next week help?" is a close).
+        return _commitment(card, state, reading, rules)
+    if reading.move == "pitch":
+        return _pitch(card, state, reading)
+    if reading.move in ("rapport", "greeting") or label == "O":
         # Rule 7: a rapport question is O even when it asks for a fact; the buyer hears small talk.
         return _other(card, state, reading)
+    if label in ("S", "P", "I") and reading.presumes and topic_kind(card, reading.topic) == "problem" and (
+        reading.topic not in state.implied
+    ):
+        # "That must be costing you a fortune": a guess at a problem he never admitted; he denies it.
+        return _apply(state, Reaction("not_yet", topic=reading.topic), -GUESS_COST)
+    if card.value_type == "intrinsic" and state.questions > INTRINSIC_PATIENCE:
+        # An intrinsic buyer wants price and hassle settled, not a long investigation.
+        return _apply(state, Reaction("impatient"))
     if label == "S" and topic_kind(card, reading.topic) == "problem":
+        if reading.topic in state.implied:
+            # A detail of a problem he has admitted: nothing new to tell, but no sign of not listening.
+            return _apply(state, Reaction("nothing_more", topic=reading.topic), 0.0)
         # A fact asked about a problem ("how many wrong shipments a month?") touches the problem itself.
         return _problem(card, state, reading, rules)
     if label == "S":
@@ -132,119 +294,150 @@ def step(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState,
     if label == "P":
         return _problem(card, state, reading, rules)
     if label == "I":
-        return _implication(card, state, reading)
-    if label == "N":
-        return _need_payoff(card, state, reading)
-    return _other(card, state, reading)
+        return _implication(card, state, reading, rules)
+    return _need_payoff(card, state, reading, rules)
 
 
-def _trust(state: CallState, delta: float) -> CallState:
-    return replace(state, trust=min(1.0, max(0.0, state.trust + delta)))
+def _apply(state: CallState, reaction: Reaction, trust: float | None = None) -> tuple[CallState, Reaction]:
+    """The state after the reaction's trust change (the table's, unless a rule gives its own)."""
+    delta = REACTIONS[reaction.kind].trust if trust is None else trust
+    # Rounded so that thresholds compare as written (0.46 + 0.04 is 0.5, not 0.49999).
+    return replace(state, trust=round(min(1.0, max(0.0, state.trust + delta)), 4)), reaction
+
+
+def _repeat(state: CallState, topic: str) -> tuple[CallState, Reaction]:
+    """A fact asked for again: each repeat costs more than the last (the rep is not listening)."""
+    state = replace(state, repeats=state.repeats + 1)
+    return _apply(state, Reaction("nothing_more", topic=topic), REACTIONS["nothing_more"].trust * state.repeats)
+
+
+def _credit(state: CallState, topic: str, reaction: Reaction) -> tuple[CallState, Reaction]:
+    """A well-aimed question or summary earns credibility once per topic."""
+    if topic in state.credited:
+        return _apply(state, reaction, 0.0)
+    return _apply(replace(state, credited=(*state.credited, topic)), reaction, AIMED_GAIN)
 
 
 def _situation(card: Scenario, state: CallState, reading: Reading, rules: Rules) -> tuple[CallState, Reaction]:
     if state.situation_streak > rules.situation_limit:
-        return _trust(state, -IMPATIENCE_PENALTY), Reaction("impatient")
+        return _apply(state, Reaction("impatient"))
     fact_id = reading.topic
     if fact_id is None or topic_kind(card, fact_id) != "fact":
-        return state, Reaction("vague")
+        return _apply(state, Reaction("vague"))
     if fact_id in state.facts:
-        return state, Reaction("nothing_more", topic=fact_id)
+        return _repeat(state, fact_id)
     fact = card.fact(fact_id)
-    return replace(state, facts=(*state.facts, fact_id)), Reaction(
-        "fact", fact.reply, (f"fact:{fact_id}",), fact_id
-    )
+    reaction = Reaction("fact", fact.reply, (f"fact:{fact_id}",), fact_id)
+    # A couple of relevant questions show competence; more of them show homework not done.
+    gain = None if len(state.facts) < FACT_CREDIT_MAX else 0.0
+    return _apply(replace(state, facts=(*state.facts, fact_id)), reaction, gain)
 
 
 def _problem(card: Scenario, state: CallState, reading: Reading, rules: Rules) -> tuple[CallState, Reaction]:
     problem_id = reading.topic
     if problem_id is None or topic_kind(card, problem_id) != "problem":
-        return state, Reaction("vague")
+        return _apply(state, Reaction("vague"))
     if problem_id in state.implied:
-        return state, Reaction("nothing_more", topic=problem_id)
+        return _apply(state, Reaction("nothing_more", topic=problem_id))
     if state.trust < rules.problem_trust:
-        return state, Reaction("not_yet", topic=problem_id)
+        # Not yet, but a question aimed at a real difficulty tells the buyer the rep knows the trade.
+        return _credit(state, problem_id, Reaction("not_yet", topic=problem_id))
     problem = card.problem(problem_id)
     state = replace(state, implied=(*state.implied, problem_id), focus=problem_id)
-    return _trust(state, PROGRESS_GAIN), Reaction(
-        "implied", problem.implied, (f"implied:{problem_id}",), problem_id
-    )
+    return _apply(state, Reaction("implied", problem.implied, (f"implied:{problem_id}",), problem_id))
 
 
-def _implication(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState, Reaction]:
+def _implication(card: Scenario, state: CallState, reading: Reading, rules: Rules) -> tuple[CallState, Reaction]:
     problem_id = reading.topic
     if problem_id is None or topic_kind(card, problem_id) != "problem":
-        return state, Reaction("vague")
+        return _apply(state, Reaction("vague"))
     if problem_id not in state.implied:
-        return state, Reaction("not_yet", topic=problem_id)
+        if problem_id in state.credited and state.trust >= rules.problem_trust:
+            # Asked about this difficulty before and pressed again with trust earned: he admits it.
+            return _problem(card, state, reading, rules)
+        # The consequence of a problem he has not admitted unlocks nothing; it shows where the rep is
+        # heading, though, as a problem question would.
+        return _credit(state, problem_id, Reaction("not_yet", topic=problem_id))
+    if state.trust < rules.problem_trust:
+        return _apply(state, Reaction("not_yet", topic=problem_id))
     shown = state.implications.get(problem_id, 0)
     problem = card.problem(problem_id)
     if shown >= len(problem.implications):
-        return state, Reaction("nothing_more", topic=problem_id)
+        return _apply(state, Reaction("nothing_more", topic=problem_id))
     implications = {**state.implications, problem_id: shown + 1}
     state = replace(state, implications=implications, focus=problem_id)
-    return _trust(state, PROGRESS_GAIN), Reaction(
+    return _apply(state, Reaction(
         "implication", problem.implications[shown], (f"implication:{problem_id}:{shown + 1}",), problem_id
-    )
+    ))
 
 
-def _need_payoff(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState, Reaction]:
+def _need_payoff(card: Scenario, state: CallState, reading: Reading, rules: Rules) -> tuple[CallState, Reaction]:
     if not state.implied:
-        return state, Reaction("premature_payoff")
+        return _apply(state, Reaction("premature_payoff"))
     problem_id = reading.topic
-    if problem_id is None or problem_id not in state.implied or state.implications.get(problem_id, 0) == 0:
-        # The value of a solution means nothing until the buyer has felt the problem's cost.
-        return state, Reaction("premature_payoff", topic=problem_id)
+    if problem_id is None or topic_kind(card, problem_id) != "problem":
+        return _apply(state, Reaction("vague"))
     if problem_id in state.explicit:
-        return state, Reaction("nothing_more", topic=problem_id)
+        return _apply(state, Reaction("nothing_more", topic=problem_id))
+    if problem_id not in state.implied or state.implications.get(problem_id, 0) == 0 or (
+        state.trust < rules.problem_trust
+    ):
+        # The value of a solution means nothing until the buyer has felt the problem's cost.
+        return _apply(state, Reaction("not_yet", topic=problem_id))
     problem = card.problem(problem_id)
     state = replace(state, explicit=(*state.explicit, problem_id), focus=problem_id)
-    return _trust(state, PROGRESS_GAIN), Reaction(
-        "explicit", problem.need_payoff, (f"explicit:{problem_id}",), problem_id
-    )
+    return _apply(state, Reaction("explicit", problem.need_payoff, (f"explicit:{problem_id}",), problem_id))
+
+
+def _pitch(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState, Reaction]:
+    """Benefits (a capability for a need the buyer stated) work; features and advantages do not."""
+    need = reading.topic if topic_kind(card, reading.topic) == "problem" else None
+    if need is not None and need in state.explicit:
+        return _apply(state, Reaction("benefit", topic=need))
+    if not state.explicit or (need is not None and need in state.implied):
+        state = replace(state, objections=state.objections + 1, premature_pitches=state.premature_pitches + 1)
+        objection = card.objections[(state.objections - 1) % len(card.objections)]
+        return _apply(state, Reaction("objection", objection, topic=need))
+    return _apply(state, Reaction("sceptical", topic=need))
 
 
 def _other(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState, Reaction]:
-    if reading.move == "pitch":
-        if not state.explicit:
-            state = replace(state, objections=state.objections + 1, premature_pitches=state.premature_pitches + 1)
-            objection = card.objections[(state.objections - 1) % len(card.objections)]
-            return _trust(state, -PITCH_PENALTY), Reaction("objection", objection)
-        return state, Reaction("benefit")
-    if reading.move == "commitment":
-        return _commitment(card, state)
     if reading.move == "rapport":
         if state.rapport_moves < RAPPORT_MAX:
-            state = _trust(replace(state, rapport_moves=state.rapport_moves + 1), RAPPORT_GAIN)
-        return state, Reaction("rapport")
+            return _apply(replace(state, rapport_moves=state.rapport_moves + 1), Reaction("rapport"))
+        return _apply(state, Reaction("rapport"), -SMALL_TALK_COST)
     if reading.move == "greeting":
         return state, Reaction("greeting")
+    if reading.move == "summary" and reading.topic in state.implied:
+        # An accurate summary of what the buyer said shows he was heard.
+        return _credit(state, f"summary:{reading.topic}", Reaction("ack", topic=reading.topic))
+    if reading.move == "question" and reading.topic is None:
+        # A question about nothing in the buyer's business (the coffee machine, the traffic).
+        return _apply(state, Reaction("vague"))
     return state, Reaction("ack")
 
 
-def _commitment(card: Scenario, state: CallState) -> tuple[CallState, Reaction]:
-    needed = card.advance.requires_explicit_needs
-    if len(state.explicit) >= needed:
+def _commitment(card: Scenario, state: CallState, reading: Reading, rules: Rules) -> tuple[CallState, Reaction]:
+    """An Advance needs a concrete action, enough explicit needs and enough trust; a proposal that
+    costs the buyer nothing ends the call as a Continuation at best; an early close draws pushback."""
+    if reading.proposal != "concrete":
+        return _close(card, state)
+    if len(state.explicit) >= card.advance.requires_explicit_needs and state.trust >= rules.problem_trust:
+        if card.advance.order is not None:
+            return replace(state, outcome="Order"), Reaction("order", card.advance.order)
         return replace(state, outcome="Advance"), Reaction("advance", card.advance.yes)
+    if state.pushbacks >= PUSHBACK_MAX:
+        return _close(card, state)
+    return _apply(replace(state, pushbacks=state.pushbacks + 1), Reaction("pushback"))
+
+
+def _close(card: Scenario, state: CallState) -> tuple[CallState, Reaction]:
     if state.explicit or (state.implied and state.premature_pitches == 0 and card.need_state != "no_need"):
         return replace(state, outcome="Continuation"), Reaction("continuation", card.advance.continuation)
     return replace(state, outcome="No-sale"), Reaction("no_sale", card.advance.no_sale)
 
 
 # --- offline speech -------------------------------------------------------------------------------
-
-_LINE_FOR: dict[str, str] = {
-    "benefit": "pitch",
-    "rapport": "rapport",
-    "greeting": "greeting",
-    "vague": "vague",
-    "nothing_more": "nothing_more",
-    "impatient": "impatient",
-    "premature_payoff": "premature_payoff",
-    "not_yet": "not_yet",
-    "deflect": "deflect",
-    "ack": "ack",
-}
 
 
 def speak(card: Scenario, state: CallState, reaction: Reaction, language: Language) -> tuple[CallState, str]:
@@ -254,7 +447,9 @@ def speak(card: Scenario, state: CallState, reaction: Reaction, language: Langua
     """
     if reaction.disclosure is not None:
         return state, reaction.disclosure(language)
-    key = _LINE_FOR[reaction.kind]
+    key = REACTIONS[reaction.kind].line
+    if key is None:
+        raise ValueError(f"a '{reaction.kind}' reaction needs the card text it discloses")
     variants = card.lines[key]
     cursor = state.line_cursor.get(key, 0)
     text = variants[cursor % len(variants)](language)

@@ -68,7 +68,8 @@ def test_offline_buyer_never_repeats_a_line_twice_in_a_row(
         replies.append(result.buyer)
         kinds.append(result.reaction.kind)
         if result.reaction.disclosure is None:  # a stock line of its kind, not a card disclosure
-            key = roleplay._LINE_FOR[result.reaction.kind]
+            key = roleplay.REACTIONS[result.reaction.kind].line
+            assert key is not None
             assert result.buyer in {t(session.language) for t in card.lines[key]}, kinds
     assert all(a != b for a, b in pairwise(replies)), (kinds, replies)
 
@@ -82,8 +83,12 @@ def test_offline_buyer_says_the_planned_line(card: Scenario) -> None:
 def test_repeated_pitches_get_different_objections(practice: Callable[..., PracticeSession], card: Scenario) -> None:
     session = practice(CARD)
     pitch = "我们的系统有灯光拣选和RF手持，能把拣货错误减少80%。"
-    replies = [session.play(pitch).buyer for _ in range(3)]
-    assert replies == [o.zh for o in card.objections[:3]]
+    replies = [session.play(pitch).buyer for _ in range(2)]
+    assert replies == [o.zh for o in card.objections[:2]]
+    # A third pitch before any need: his trust is gone and he ends the meeting.
+    last = session.play(pitch)
+    assert last.reaction.kind == "walk_out" and last.buyer in {t.zh for t in card.lines["walk_out"]}
+    assert session.state.outcome == "No-sale"
 
 
 # --- LLM buyer prompt ------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def test_offline_rewrites_are_graded_and_differ(scripted_call: PracticeSession, 
         assert r.why == by_turn[r.turn].reaction["kind"]
     # Before anything was uncovered the better move is a Problem question; after the pitch, a Need-payoff.
     early = next(r for r in d.rewrites if r.turn in (1, 2))
-    assert early.label == "P" and scripted_call.card.problems[0].topic.zh in early.better
+    # The hint names only what the buyer has said: the warehouse size he gave, not a hidden problem.
+    assert early.label == "P" and scripted_call.card.fact("scale").topic.zh in early.better
     pitch = next(r for r in d.rewrites if r.turn == 5)
     assert pitch.label == "N" and scripted_call.card.problems[0].topic.zh in pitch.better
 
@@ -170,20 +171,23 @@ def test_llm_rewrites_for_unknown_turns_keep_the_offline_ones(scripted_call: Pra
 
 
 @pytest.mark.parametrize("language", ["zh", "en"])
-def test_next_step_progresses_p_i_n(card: Scenario, language: str) -> None:
+def test_next_step_progresses_s_p_i_n_then_a_close(card: Scenario, language: str) -> None:
     first, second = card.problems[0], card.problems[1]
+    fact = card.facts[0]
     state = roleplay.start(card)
     steps = []
     for update in (
         {},
-        {"implied": (first.id,)},
-        {"implied": (first.id,), "implications": {first.id: 1}},
-        {"implied": (first.id,), "implications": {first.id: 1}, "explicit": (first.id,)},
+        {"facts": (fact.id,)},
+        {"facts": (fact.id,), "implied": (first.id,)},
+        {"facts": (fact.id,), "implied": (first.id,), "implications": {first.id: 1}},
+        {"facts": (fact.id,), "implied": (first.id,), "implications": {first.id: 1}, "explicit": (first.id,)},
     ):
         steps.append(debrief.next_step(card, replace(state, **update), language))  # type: ignore[arg-type]
-    assert [label for label, _ in steps] == ["P", "I", "N", "P"]
-    assert first.topic(language) in steps[0][1] and first.topic(language) in steps[1][1]
-    assert first.topic(language) in steps[2][1] and second.topic(language) in steps[3][1]
+    assert [label for label, _ in steps] == ["S", "P", "I", "N", "P"]
+    assert fact.topic(language) in steps[1][1] and fact.topic(language) in steps[4][1]
+    assert first.topic(language) in steps[2][1] and first.topic(language) in steps[3][1]
+    assert not any(second.topic(language) in example for _, example in steps)  # never opened: never named
     done = replace(state, implied=tuple(p.id for p in card.problems), explicit=tuple(p.id for p in card.problems),
                    implications={p.id: 1 for p in card.problems})
     assert debrief.next_step(card, done, language)[0] == "O"  # type: ignore[arg-type]
@@ -194,20 +198,22 @@ def test_grader_agrees_with_next_step_questions(offline_grader: OfflineGrader) -
     wrong, total = [], 0
     for card in scenarios.builtin():
         for language in ("zh", "en"):
-            for k, problem in enumerate(card.problems):
+            opening, question = debrief.next_step(card, roleplay.start(card), language)  # type: ignore[arg-type]
+            checks = [("S", opening, question)]
+            for k, problem in enumerate(card.problems[: card.advance.requires_explicit_needs]):
                 done = tuple(p.id for p in card.problems[:k])  # earlier problems fully developed
-                base = replace(roleplay.start(card), implied=done, explicit=done,
-                               implications=dict.fromkeys(done, 1))
+                base = replace(roleplay.start(card), facts=(card.facts[k % len(card.facts)].id,), implied=done,
+                               explicit=done, implications=dict.fromkeys(done, 1))
                 implied = replace(base, implied=(*done, problem.id))
                 felt = replace(implied, implications={**base.implications, problem.id: 1})
                 for label, state in (("P", base), ("I", implied), ("N", felt)):
                     suggested, question = debrief.next_step(card, state, language)  # type: ignore[arg-type]
-                    assert suggested == label and problem.topic(language) in question
-                    total += 1
-                    got = offline_grader.grade(question).label
-                    if got != label:
-                        wrong.append((question, label, got))
-    # Templated questions around free-form topics: the grader may miss one or two (known: an English
-    # P question on a topic that itself says "risk ... how long" reads as I).
-    assert len(wrong) <= 2, wrong
-    assert total == 2 * 3 * sum(len(c.problems) for c in scenarios.builtin())
+                    checks.append((label, suggested, question))
+            for label, suggested, question in checks:
+                assert suggested == label, question
+                total += 1
+                got = offline_grader.grade(question).label
+                if got != label:
+                    wrong.append((question, label, got))
+    # Templated questions around free-form topics: the grader may miss a few.
+    assert len(wrong) <= 0.05 * total, wrong

@@ -16,15 +16,16 @@ from bot import roleplay, scenarios
 from bot.buyer import LLMBuyer
 from bot.grader import Label
 from bot.llm import OpenAIChatModel
-from bot.reading import Move, Reading
+from bot.reading import Move, Proposal, Reading
 from bot.roleplay import (
-    IMPATIENCE_PENALTY,
-    INJECTION_PENALTY,
-    PITCH_PENALTY,
-    PROGRESS_GAIN,
-    RAPPORT_GAIN,
+    AIMED_GAIN,
+    FACT_CREDIT_MAX,
+    PUSHBACK_MAX,
     RAPPORT_MAX,
+    REACTIONS,
     RULES,
+    SMALL_TALK_COST,
+    WALK_OUT_TRUST,
     CallState,
 )
 from bot.scenarios import Scenario
@@ -43,9 +44,14 @@ def reading(
     fact: str | None = None,
     problem: str | None = None,
     injection: bool = False,
+    proposal: Proposal | None = None,
 ) -> Reading:
     """A reading of a line with this label and move about `fact` or `problem` (or no topic)."""
-    return Reading(label, "injection" if injection else move, fact or problem, "test")
+    return Reading(label, "injection" if injection else move, fact or problem, "test", proposal=proposal)
+
+
+def trust_of(kind: roleplay.ReactionKind) -> float:
+    return REACTIONS[kind].trust
 
 
 @pytest.fixture
@@ -92,7 +98,7 @@ def test_too_many_situation_questions_in_a_row_make_the_buyer_impatient(card: Sc
     trust = state.trust
     state, reaction = roleplay.step(card, state, reading("S", fact=facts[-1]))
     assert reaction.kind == "impatient" and state.situation_streak == limit + 1
-    assert state.trust == pytest.approx(trust - IMPATIENCE_PENALTY)
+    assert state.trust == pytest.approx(trust + trust_of("impatient"))
     assert len(state.facts) == min(limit, len(facts))  # the impatient turn unlocked nothing
     # Any other question breaks the streak.
     state, _ = roleplay.step(card, state, reading("O", "summary"))
@@ -113,15 +119,35 @@ def test_problem_below_trust_threshold_is_not_yet(card: Scenario) -> None:
     assert state.implied == () and state.focus is None
 
 
-def test_hard_buyer_needs_rapport_before_admitting_a_problem(card: Scenario) -> None:
+def test_hard_buyer_opens_up_to_competence_not_to_small_talk(card: Scenario) -> None:
     card = with_difficulty(card, "hard")
+    chatty = roleplay.start(card)
+    for _ in range(RAPPORT_MAX + 3):
+        chatty, reaction = roleplay.step(card, chatty, reading("O", "rapport"))
+        assert reaction.kind == "rapport"
+    _, reaction = roleplay.step(card, chatty, reading("P", problem="walking"))
+    assert reaction.kind == "not_yet"  # small talk alone never opens a problem
+    # Two relevant Situation questions and a well-aimed Problem question do.
     state = roleplay.start(card)
-    _, reaction = roleplay.step(card, state, reading("P", problem="walking"))
-    assert reaction.kind == "not_yet"
-    state, reaction = roleplay.step(card, state, reading("O", "rapport"))
-    assert reaction.kind == "rapport" and state.trust == pytest.approx(RULES["hard"].start_trust + RAPPORT_GAIN)
+    state, reaction = roleplay.step(card, state, reading("P", problem="walking"))
+    assert reaction.kind == "not_yet" and state.trust == pytest.approx(RULES["hard"].start_trust + AIMED_GAIN)
+    state, _ = roleplay.step(card, state, reading("P", problem="walking"))  # asked again: no more credit
+    assert state.trust == pytest.approx(RULES["hard"].start_trust + AIMED_GAIN)
+    for fact in ("scale", "system"):
+        state, reaction = roleplay.step(card, state, reading("S", fact=fact))
+        assert reaction.kind == "fact"
     state, reaction = roleplay.step(card, state, reading("P", problem="walking"))
     assert reaction.kind == "implied" and state.implied == ("walking",)
+
+
+def test_only_the_first_relevant_situation_questions_earn_credibility(card: Scenario) -> None:
+    state = roleplay.start(card)
+    for n, fact in enumerate([f.id for f in card.facts][: FACT_CREDIT_MAX + 1]):
+        trust = state.trust
+        state, reaction = roleplay.step(card, state, reading("S", fact=fact))
+        assert reaction.kind == "fact"
+        expected = trust_of("fact") if n < FACT_CREDIT_MAX else 0.0
+        assert state.trust == pytest.approx(trust + expected), fact
 
 
 def test_problem_reveals_the_implied_need_once(card: Scenario) -> None:
@@ -129,7 +155,7 @@ def test_problem_reveals_the_implied_need_once(card: Scenario) -> None:
     state, reaction = roleplay.step(card, state, reading("P", problem="walking"))
     assert reaction.kind == "implied" and reaction.disclosure == card.problem("walking").implied
     assert state.implied == ("walking",) and state.focus == "walking"
-    assert state.trust == pytest.approx(RULES["normal"].start_trust + PROGRESS_GAIN)
+    assert state.trust == pytest.approx(RULES["normal"].start_trust + trust_of("implied"))
     state, reaction = roleplay.step(card, state, reading("P", problem="walking"))
     assert reaction.kind == "nothing_more" and state.implied == ("walking",)
     _, reaction = roleplay.step(card, state, reading("P"))
@@ -140,10 +166,21 @@ def test_implication_before_its_problem_unlocks_nothing(card: Scenario) -> None:
     state = roleplay.start(card)
     state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
     assert reaction.kind == "not_yet" and unlocked(state) == ((), (), {}, ())
-    # Another problem revealed does not open this one's consequences either.
+    # Another problem revealed does not open this one's consequences either; pressed a second time,
+    # with trust earned, he admits the problem itself, and still no consequence.
     state, _ = roleplay.step(card, state, reading("P", problem="walking"))
     state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
-    assert reaction.kind == "not_yet" and state.implications == {}
+    assert reaction.kind == "implied" and state.implications == {} and "pick-errors" in state.implied
+
+
+def test_a_guessed_problem_is_denied_and_earns_nothing(card: Scenario) -> None:
+    state = roleplay.start(card)
+    for label in ("S", "P", "I", "I"):
+        guess = Reading(label, "question", "pick-errors", "test", presumes=True)  # "that must cost you"
+        trust = state.trust
+        state, reaction = roleplay.step(card, state, guess)
+        assert reaction.kind == "not_yet" and state.trust < trust
+    assert unlocked(state) == ((), (), {}, ())
 
 
 def test_implications_unlock_one_by_one_after_the_problem(card: Scenario) -> None:
@@ -167,7 +204,10 @@ def test_need_payoff_before_any_problem_unlocks_nothing(card: Scenario) -> None:
 def test_need_payoff_needs_the_problem_and_an_implication(card: Scenario) -> None:
     state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="pick-errors"))
     state, reaction = roleplay.step(card, state, reading("N", problem="pick-errors"))
-    assert reaction.kind == "premature_payoff" and state.explicit == ()
+    # He has admitted the problem, so he does not deny it: he plays down its value.
+    assert reaction.kind == "not_yet" and state.explicit == ()
+    state, reaction = roleplay.step(card, state, reading("N", problem="walking"))  # never admitted
+    assert reaction.kind == "not_yet" and state.explicit == ()
     state, _ = roleplay.step(card, state, reading("I", problem="pick-errors"))
     state, reaction = roleplay.step(card, state, reading("N", problem="pick-errors"))
     assert reaction.kind == "explicit" and reaction.disclosure == card.problem("pick-errors").need_payoff
@@ -186,34 +226,56 @@ def develop(card: Scenario, state: CallState, problem_id: str) -> CallState:
 
 def test_pitch_before_an_explicit_need_draws_objections_and_costs_trust(card: Scenario) -> None:
     state = roleplay.start(card)
-    for n in range(1, len(card.objections) + 2):
+    for n in range(1, 3):
         trust = state.trust
         state, reaction = roleplay.step(card, state, reading("O", "pitch"))
         assert reaction.kind == "objection"
         assert reaction.disclosure == card.objections[(n - 1) % len(card.objections)]  # they rotate
-        assert state.trust == pytest.approx(max(0.0, trust - PITCH_PENALTY))
+        assert state.trust == pytest.approx(trust + trust_of("objection"))
         assert state.premature_pitches == n and state.objections == n
 
 
-def test_pitch_after_an_explicit_need_is_a_benefit(card: Scenario) -> None:
+def test_a_feature_dumper_is_shown_the_door(card: Scenario) -> None:
+    state = roleplay.start(card)
+    for _ in range(10):
+        state, reaction = roleplay.step(card, state, reading("O", "pitch"))
+        if state.ended:
+            break
+    assert reaction.kind == "walk_out" and state.outcome == "No-sale" and state.trust < WALK_OUT_TRUST
+
+
+def test_a_pitch_is_a_benefit_only_for_a_need_the_buyer_stated(card: Scenario) -> None:
     state = develop(card, roleplay.start(card), "walking")
     trust = state.trust
+    state, reaction = roleplay.step(card, state, reading("O", "pitch", problem="walking"))
+    assert reaction.kind == "benefit" and state.trust == pytest.approx(trust + trust_of("benefit"))
+    # A feature for a problem he admitted but never called a need: an advantage, which draws an objection.
+    state, _ = roleplay.step(card, state, reading("P", problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("O", "pitch", problem="pick-errors"))
+    assert reaction.kind == "objection" and state.premature_pitches == 1
+    # A feature that answers none of his needs: scepticism.
+    trust = state.trust
     state, reaction = roleplay.step(card, state, reading("O", "pitch"))
-    assert reaction.kind == "benefit" and state.trust == trust and state.premature_pitches == 0
+    assert reaction.kind == "sceptical" and state.trust == pytest.approx(trust + trust_of("sceptical"))
 
 
 @pytest.mark.parametrize(
-    ("needs", "setup", "outcome"),
+    ("needs", "setup", "proposal", "outcome"),
     [
-        (2, "explicit:2", "Advance"),
-        (2, "explicit:1", "Continuation"),
-        (1, "explicit:1", "Advance"),
-        (2, "implied", "Continuation"),
-        (2, "implied+pitch", "No-sale"),
-        (2, "nothing", "No-sale"),
+        (2, "explicit:2", "concrete", "Advance"),
+        (2, "explicit:2", "weak", "Continuation"),
+        (2, "explicit:1", "weak", "Continuation"),
+        (1, "explicit:1", "concrete", "Advance"),
+        (2, "implied", "weak", "Continuation"),
+        (2, "implied+pitch", "weak", "No-sale"),
+        (2, "nothing", "weak", "No-sale"),
+        (2, "explicit:1", "concrete", None),  # too early: pushback, the call goes on
+        (2, "nothing", "concrete", None),
     ],
 )
-def test_commitment_outcome(card: Scenario, needs: int, setup: str, outcome: str) -> None:
+def test_commitment_is_judged_by_the_action_proposed(
+    card: Scenario, needs: int, setup: str, proposal: Proposal, outcome: str | None
+) -> None:
     card = card.model_copy(update={"advance": card.advance.model_copy(update={"requires_explicit_needs": needs})})
     state = roleplay.start(card)
     if setup.startswith("explicit"):
@@ -223,11 +285,40 @@ def test_commitment_outcome(card: Scenario, needs: int, setup: str, outcome: str
         state, _ = roleplay.step(card, state, reading("P", problem="walking"))
         if setup.endswith("pitch"):
             state, _ = roleplay.step(card, state, reading("O", "pitch"))
-    state, reaction = roleplay.step(card, state, reading("O", "commitment"))
-    assert state.outcome == outcome and state.ended
+    state, reaction = roleplay.step(card, state, reading("O", "commitment", proposal=proposal))
+    assert state.outcome == outcome
+    if outcome is None:
+        assert reaction.kind == "pushback" and state.pushbacks == 1 and reaction.disclosure is None
+        return
     expected = {"Advance": card.advance.yes, "Continuation": card.advance.continuation,
                 "No-sale": card.advance.no_sale}[outcome]
     assert reaction.disclosure == expected
+
+
+def test_a_commitment_labelled_need_payoff_is_still_a_close(card: Scenario) -> None:
+    state = develop(card, develop(card, roleplay.start(card), "pick-errors"), "walking")
+    state, reaction = roleplay.step(card, state, reading("N", "commitment", problem="walking", proposal="concrete"))
+    assert reaction.kind == "advance" and state.outcome == "Advance"
+
+
+def test_repeated_early_closes_end_the_meeting(card: Scenario) -> None:
+    state = roleplay.start(card)
+    for n in range(1, PUSHBACK_MAX + 1):
+        state, reaction = roleplay.step(card, state, reading("O", "commitment", proposal="concrete"))
+        assert reaction.kind == "pushback" and not state.ended, n
+    state, reaction = roleplay.step(card, state, reading("O", "commitment", proposal="concrete"))
+    assert state.ended and state.outcome == "No-sale"
+
+
+def test_a_transactional_card_ends_in_an_order() -> None:
+    card = next(c for c in scenarios.builtin() if c.sales_type == "transactional")
+    problem = card.problems[0].id
+    state = roleplay.start(card)
+    for fact in [f.id for f in card.facts][:2]:
+        state, _ = roleplay.step(card, state, reading("S", fact=fact))
+    state = develop(card, state, problem)
+    state, reaction = roleplay.step(card, state, reading("O", "commitment", proposal="concrete"))
+    assert state.outcome == "Order" and reaction.disclosure == card.advance.order
 
 
 def test_no_need_buyer_with_only_implied_needs_says_no(card: Scenario) -> None:
@@ -237,13 +328,23 @@ def test_no_need_buyer_with_only_implied_needs_says_no(card: Scenario) -> None:
     assert state.outcome == "No-sale"
 
 
-def test_rapport_raises_trust_up_to_a_cap(card: Scenario) -> None:
+def test_rapport_helps_a_little_and_only_twice(card: Scenario) -> None:
     state = roleplay.start(card)
     for _ in range(RAPPORT_MAX + 2):
         state, reaction = roleplay.step(card, state, reading("O", "rapport"))
         assert reaction.kind == "rapport"
     assert state.rapport_moves == RAPPORT_MAX
-    assert state.trust == pytest.approx(RULES["normal"].start_trust + RAPPORT_MAX * RAPPORT_GAIN)
+    expected = RULES["normal"].start_trust + RAPPORT_MAX * trust_of("rapport") - 2 * SMALL_TALK_COST
+    assert state.trust == pytest.approx(expected)
+    assert RAPPORT_MAX * trust_of("rapport") < trust_of("fact") + AIMED_GAIN  # less than two good questions
+
+
+def test_questions_about_nothing_in_his_business_cost_trust(card: Scenario) -> None:
+    state = roleplay.start(card)
+    state, reaction = roleplay.step(card, state, reading("O"))  # "is the coffee machine any good?"
+    assert reaction.kind == "vague" and state.trust == pytest.approx(RULES["normal"].start_trust + trust_of("vague"))
+    state, reaction = roleplay.step(card, state, reading("P"))
+    assert reaction.kind == "vague" and unlocked(state) == ((), (), {}, ())
 
 
 def test_rapport_question_labelled_situation_is_heard_as_rapport(card: Scenario) -> None:
@@ -267,7 +368,7 @@ def test_injection_unlocks_nothing_whatever_the_label(card: Scenario, label: str
     state, reaction = roleplay.step(card, state, reading(label, problem="pick-errors", fact="scale",
                                                                injection=True))
     assert reaction.kind == "deflect" and reaction.disclosure is None and reaction.unlocked == ()
-    assert unlocked(state) == before and state.trust == pytest.approx(trust - INJECTION_PENALTY)
+    assert unlocked(state) == before and state.trust == pytest.approx(trust + trust_of("deflect"))
 
 
 def test_ungraded_utterance_unlocks_nothing(card: Scenario) -> None:
@@ -321,7 +422,7 @@ class Topic:
 
 @dataclass(frozen=True)
 class Script:
-    rapport: tuple[str, ...]  # for hard buyers, who admit nothing until they trust the rep
+    warmup: tuple[str, ...]  # relevant Situation questions: hard buyers admit nothing until the rep shows competence
     topics: tuple[Topic, ...]
     pitch: str
     commitment: str
@@ -331,7 +432,7 @@ EARLY_PAYOFF = "如果这个问题解决了，对您有什么帮助？"
 
 SCRIPTS: dict[str, Script] = {
     "hospital-intrinsic-01": Script(
-        rapport=(),
+        warmup=(),
         topics=(
             Topic("supply-gap", "输液耗材的供货稳定吗，有没有担心断货？",
                   ("那要是真断货了，对临床科室有什么影响？", "断货的事，对你们采购的考核又有什么影响？"),
@@ -344,7 +445,7 @@ SCRIPTS: dict[str, Script] = {
         commitment="下周能不能安排我们把资质材料和样品送过来，跟护理部一起评估？",
     ),
     "compressor-intrinsic-01": Script(
-        rapport=("马师傅，听说您爱下象棋，中午常在门卫室杀两盘？", "您修了二十五年设备，大家都叫您马一手吧？"),
+        warmup=("厂里现在一共有几台空压机，都是多大功率、用了多少年了？", "哪几个车间用气，一天开几班？"),
         topics=(
             Topic("power-bill", "空压站的电费高不高，您觉得耗电多吗？",
                   ("电费这么高，对厂里的能耗指标有什么影响？", "空压站这么费电，对年底全科的绩效有什么影响？",
@@ -355,20 +456,23 @@ SCRIPTS: dict[str, Script] = {
                   "如果能把漏点找出来、末端压力稳住，对您有什么好处？"),
         ),
         pitch="我们的永磁变频空压机比你们的老机器省电百分之三十。",
-        commitment="下周能不能安排我们来做一次免费的漏气和能耗检测？",
+        commitment="那就按这个配置下单吧，趁六月的周日停产把新机装好，旧机器我们折价收走，您看行吗？",
     ),
     "construction-extrinsic-01": Script(
-        rapport=(),
+        warmup=(),
         topics=(
             Topic("labour", "现在木工好不好招，人工成本是不是越来越贵？",
                   ("木工难招，对工期和成本有什么影响？", "人工越来越贵，对项目的利润有什么影响？"),
                   "如果不再依赖那么多木工，对您有什么帮助？"),
+            Topic("finish", "拆模以后混凝土墙面的平整度怎么样，您满意吗？",
+                  ("墙面不平要返工抹灰，对成本和工期有什么影响？",),
+                  "如果拆模后的墙面不用再返工抹灰，对您有什么帮助？"),
         ),
         pitch="我们的铝模能周转三百次，成型质量好，还省人工。",
         commitment="下周能不能安排您到我们做过的项目现场看一下铝模？",
     ),
     "warehouse-extrinsic-01": Script(
-        rapport=(),
+        warmup=(),
         topics=(
             Topic("pick-errors", "你们现在拣货的时候，拣错货、发错货的情况多吗？",
                   ("那这些错发漏发对你们的成本有什么影响？", "错发率超标，对合同罚款有什么影响？",
@@ -382,7 +486,7 @@ SCRIPTS: dict[str, Script] = {
         commitment="下周能不能安排我们去仓库现场看一下，再带上IT？",
     ),
     "bank-strategic-01": Script(
-        rapport=(),
+        warmup=(),
         topics=(
             Topic("pilot-failure", "上次智能柜台试点效果怎么样，用的人多吗？",
                   ("试点没人用，对这次转型任务有什么影响？", "试点失败，对董事会对转型的信心有什么影响？",
@@ -396,7 +500,7 @@ SCRIPTS: dict[str, Script] = {
         commitment="下周能不能安排一次方案交流，请科技部和运营部一起参加？",
     ),
     "retail-saas-strategic-01": Script(
-        rapport=("听说您跑过七次全程马拉松？", "您以前在沃尔玛做了十年门店和采购吧？"),
+        warmup=("集团现在一共有多少家门店，分布在哪几个城市？", "线上到家业务现在占整体销售大概多少？"),
         topics=(
             Topic("member-data", "会员数据分散、看不清顾客是谁，这个问题让您头疼吗？",
                   ("会员数据对不上，对营销发券的效果有什么影响？", "会员看不清，对高价值顾客的流失有什么影响？",
@@ -416,14 +520,14 @@ SCRIPTS: dict[str, Script] = {
 CARDS = [pytest.param(card_id, id=f"{scenarios.get(card_id).value_type}-{card_id}") for card_id in SCRIPTS]
 
 
-def test_scripts_cover_every_card_and_value_type() -> None:
-    assert set(SCRIPTS) == {c.id for c in scenarios.builtin()}
+def test_scripts_cover_every_value_type() -> None:
+    # Every card, new ones included, is played by the conformance suite (tests/test_conformance.py).
     assert {scenarios.get(c).value_type for c in SCRIPTS} == {"intrinsic", "extrinsic", "strategic"}
     for card_id, script in SCRIPTS.items():
         card = scenarios.get(card_id)
         assert len(script.topics) >= card.advance.requires_explicit_needs, card_id
         assert len(script.topics[0].i) == len(card.problem(script.topics[0].problem).implications), card_id
-        assert bool(script.rapport) == (card.difficulty == "hard"), card_id
+        assert bool(script.warmup) == (card.difficulty == "hard"), card_id
 
 
 Play = Callable[[str, str | None], TurnResult]
@@ -440,8 +544,8 @@ def player(session: PracticeSession) -> Play:
 
 
 def warm_up(say: Play, script: Script) -> None:
-    for line in script.rapport:
-        assert say(line, "O").reaction.kind == "rapport"
+    for line in script.warmup:
+        assert say(line, "S").reaction.kind == "fact", line
 
 
 def stock_lines(card: Scenario, key: str) -> set[str]:
@@ -460,7 +564,7 @@ def test_need_payoff_before_any_problem_unlocks_nothing_in_a_call(
         result = say(text, "N")
         assert result.reaction.kind == "premature_payoff"
         assert result.buyer in stock_lines(session.card, "premature_payoff")
-    assert unlocked(session.state) == ((), (), {}, ())
+    assert unlocked(session.state)[1:] == ((), {}, ())  # the warm-up's facts, no problem
 
 
 @pytest.mark.parametrize("card_id", CARDS)
@@ -500,7 +604,7 @@ def test_pitch_before_an_explicit_need_draws_an_objection_in_a_call(
     trust = session.state.trust
     result = say(script.pitch, "O")
     assert result.reaction.kind == "objection" and result.buyer == card.objections[0].zh
-    assert session.state.trust == pytest.approx(trust - PITCH_PENALTY)
+    assert session.state.trust == pytest.approx(trust + trust_of("objection"))
     assert session.state.premature_pitches == 1 and session.state.objections == 1
 
 
@@ -520,49 +624,47 @@ def test_commitment_after_the_required_explicit_needs_is_an_advance(
         assert result.reaction.kind == "explicit" and result.buyer == card.problem(topic.problem).need_payoff.zh
         assert len(session.state.explicit) == count
     result = say(script.commitment, "O")
-    assert result.reaction.kind == "advance" and result.buyer == card.advance.yes.zh
-    assert session.state.outcome == "Advance" and result.ended
+    assert result.reading.proposal == "concrete", script.commitment
+    if card.advance.order is not None:
+        assert result.reaction.kind == "order" and result.buyer == card.advance.order.zh
+        assert session.state.outcome == "Order" and result.ended
+    else:
+        assert result.reaction.kind == "advance" and result.buyer == card.advance.yes.zh
+        assert session.state.outcome == "Advance" and result.ended
 
 
 @pytest.mark.parametrize("card_id", CARDS)
-def test_commitment_before_any_explicit_need_is_no_advance(
+def test_an_early_close_draws_pushback_and_the_call_goes_on(
     practice: Callable[..., PracticeSession], card_id: str
 ) -> None:
     card, script = scenarios.get(card_id), SCRIPTS[card_id]
-    # Straight away: nothing uncovered, no sale.
-    cold = practice(card_id)
-    player(cold)(script.commitment, "O")
-    assert cold.state.outcome == "No-sale" and cold.results[-1].buyer == card.advance.no_sale.zh
-    # After a problem is out but before any need is explicit: a continuation at best.
-    warm = practice(card_id)
-    say = player(warm)
-    warm_up(say, script)
-    assert say(script.topics[0].p, "P").reaction.kind == "implied"
-    say(script.commitment, "O")
-    expected = "No-sale" if card.need_state == "no_need" else "Continuation"
-    assert warm.state.outcome == expected and warm.state.explicit == ()
-
-
-@pytest.mark.parametrize(
-    "card_id", [c for c in CARDS if scenarios.get(c.values[0]).advance.requires_explicit_needs > 1]
-)
-def test_fewer_explicit_needs_than_the_card_requires_is_a_continuation(
-    practice: Callable[..., PracticeSession], card_id: str
-) -> None:
     session = practice(card_id)
-    script = SCRIPTS[card_id]
     say = player(session)
+    result = say(script.commitment, "O")
+    assert result.reaction.kind == "pushback" and not result.ended
+    assert result.buyer in stock_lines(card, "pushback")
     warm_up(say, script)
     topic = script.topics[0]
     for text, label in ((topic.p, "P"), (topic.i[0], "I"), (topic.n, "N")):
         say(text, label)
-    assert session.state.explicit == (topic.problem,)
-    result = say(script.commitment, "O")
+    if card.advance.requires_explicit_needs > 1:
+        # One explicit need is not enough for this buyer: still too early.
+        assert say(script.commitment, "O").reaction.kind == "pushback" and not session.state.ended
+
+
+def test_a_brochure_is_a_continuation_at_best(practice: Callable[..., PracticeSession]) -> None:
+    session = practice(WAREHOUSE)
+    say = player(session)
+    topic = SCRIPTS[WAREHOUSE].topics[0]
+    for text, label in ((topic.p, "P"), (topic.i[0], "I"), (topic.n, "N")):
+        say(text, label)
+    result = say("那我先把我们的产品资料发您微信，您有空看看？", "O")
+    assert result.reading.proposal == "weak"
     assert result.reaction.kind == "continuation" and session.state.outcome == "Continuation"
 
 
 @pytest.mark.parametrize("card_id", [c for c in CARDS if scenarios.get(c.values[0]).difficulty == "hard"])
-def test_hard_buyer_admits_nothing_before_rapport_in_a_call(
+def test_hard_buyer_admits_nothing_to_a_cold_problem_question_in_a_call(
     practice: Callable[..., PracticeSession], card_id: str
 ) -> None:
     session = practice(card_id)
@@ -594,7 +696,7 @@ def test_injection_gets_an_in_character_deflection_offline(
     assert result.buyer in stock_lines(card, "deflect")
     assert not any(text in result.buyer for text in locked_texts(card, roleplay.start(card)))
     assert unlocked(session.state) == ((), (), {}, ())
-    assert session.state.trust == pytest.approx(RULES[card.difficulty].start_trust - INJECTION_PENALTY)
+    assert session.state.trust == pytest.approx(RULES[card.difficulty].start_trust + trust_of("deflect"))
 
 
 def test_injection_mid_call_reveals_nothing_more(practice: Callable[..., PracticeSession]) -> None:
@@ -626,7 +728,7 @@ def test_injection_prompt_to_the_llm_buyer_holds_no_locked_fact(
     card, script = session.card, SCRIPTS[card_id]
     say = player(session)
     # Disclose a little first: a fact is not asked here, a problem and one consequence are.
-    turns = [*((line, "O") for line in script.rapport), (script.topics[0].p, "P"), (script.topics[0].i[0], "I")]
+    turns = [*((line, "S") for line in script.warmup), (script.topics[0].p, "P"), (script.topics[0].i[0], "I")]
     for text, label in turns:
         fake_server.enqueue("嗯。")
         say(text, label)
