@@ -144,7 +144,7 @@ def _fake_handler(runtime: Runtime) -> Callable[[dict[str, Any]], str]:
             focus = re.search(r"Problem under discussion: ([\w-]+)", system)
             reading = reader.read(said, before, focus.group(1) if focus and focus.group(1) != "none" else None)
             return json.dumps({"label": reading.label or "O", "move": reading.move, "topic": reading.topic or "none",
-                               "reason": "benchmark", "better_question": None})
+                               "proposal": reading.proposal, "reason": "benchmark", "better_question": None})
         convey = re.search(r"<convey>\n(.*?)\n</convey>", system, re.S)
         return convey.group(1) if convey else "OK."
 
@@ -339,8 +339,9 @@ def machine() -> str:
         memory = f", {kb / 1024 / 1024:.0f} GiB RAM"
     except (OSError, ValueError, IndexError):
         pass
+    threads = os.environ.get("OMP_NUM_THREADS") or f"{os.cpu_count()} (all cores)"
     return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}){memory}, "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}, embedding threads {threads}")
 
 
 def run() -> dict[str, Any]:

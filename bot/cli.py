@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -305,6 +306,39 @@ def eval_grader_cmd(
     _run(run)
 
 
+@eval_app.command("roleplay")
+def eval_roleplay_cmd(
+    data: Annotated[
+        Path | None, typer.Option("--data", help="A folder of scripted calls (default evals/data/roleplay).")
+    ] = None,
+    json_out: JsonOption = None,
+) -> None:
+    """Play the scripted archetype calls on every card, both languages, and check the outcome a trainer expects."""
+
+    def run() -> None:
+        from bot import conformance, scenarios
+
+        runtime = _runtime()
+        scripts = conformance.load_scripts(data or conformance.ROLEPLAY_DIR)
+        total = sum(len(by) for s in scripts for by in s.calls.values())
+        verdicts = list(track(
+            conformance.run(lambda card, language: runtime.new_session(card.id, language, save=False),
+                            scenarios.get, scripts),
+            total=total, description="playing", console=errors,
+        ))
+        table = Table("card", "archetype", "lang", "outcome", "trust", "expected", "verdict")
+        for v in verdicts:
+            expected = conformance.EXPECTATIONS[v.archetype].expected.en
+            table.add_row(v.card, v.archetype, v.language, v.outcome, f"{v.trust:.2f}", expected,
+                          "ok" if v.passed else f"[red]{escape(v.failure or '')}[/red]")
+        console.print(table)
+        passed = sum(v.passed for v in verdicts)
+        console.print(f"{passed}/{len(verdicts)} calls behaved as a trainer expects", highlight=False)
+        _write_json(json_out, {"passed": passed, "calls": [dataclasses.asdict(v) for v in verdicts]})
+
+    _run(run)
+
+
 @eval_app.command("reading")
 def eval_reading_cmd(
     data: Annotated[Path, typer.Option("--data", help="JSONL with label, move and/or card+topic per line.")],
@@ -384,12 +418,15 @@ def scenarios_list(json_out: JsonOption = None) -> None:
 def scenarios_validate(
     path: Annotated[Path | None, typer.Argument(help="A card or a folder of cards.")] = None,
 ) -> None:
-    """Check scenario cards against the schema; errors name the file and field."""
+    """Check scenario cards against the schema and their types; errors name the file and field."""
 
     def run() -> None:
         from bot import scenarios
 
         cards = scenarios.load_all(path or scenarios.SCENARIOS_DIR)
+        misfits = [f"{card.id}: {problem}" for card in cards for problem in card.coherence()]
+        if misfits:
+            raise ScenarioError("cards do not fit their types: " + "; ".join(misfits))
         console.print(f"{len(cards)} card(s) valid: {', '.join(c.id for c in cards)}", highlight=False)
 
     _run(run)

@@ -55,6 +55,17 @@ def test_llm_reader_asks_once_for_label_move_and_a_topic_from_the_card(fake_serv
     fake_server.assert_complete()
 
 
+@pytest.mark.parametrize(("proposal", "read_as"), [("concrete", "concrete"), ("weak", "weak"), (None, "weak")])
+def test_llm_reader_says_what_a_commitment_asks_of_the_buyer(
+    fake_server: FakeOpenAIServer, proposal: str | None, read_as: str
+) -> None:
+    fake_server.enqueue(_reply(label="O", move="commitment", topic="none", proposal=proposal))
+    reading = _reader(fake_server).read("下周我带工程师来仓库现场走一遍，您把IT也叫上？")
+    assert reading.move == "commitment" and reading.proposal == read_as  # unweighed: the buyer commits to less
+    fake_server.enqueue(_reply(label="O", move="summary", topic="none", proposal="concrete"))
+    assert _reader(fake_server).read("明白了。").proposal is None
+
+
 def test_none_means_no_topic(fake_server: FakeOpenAIServer) -> None:
     fake_server.enqueue(_reply(label="O", move="rapport", topic="none"))
     reading = _reader(fake_server).read("今天天气挺闷的啊。")
@@ -187,3 +198,20 @@ def test_eval_reading_names_the_line_of_a_bad_record(chat_home: Path, tmp_path: 
                     encoding="utf-8")
     result = CliRunner().invoke(app, ["eval", "reading", "--data", str(data)])
     assert result.exit_code == 2 and f"{data}:1:" in result.output
+
+
+def test_commitments_are_read_by_what_they_ask_of_the_buyer() -> None:
+    """Held-out commitment requests (evals/data/moves/proposals-test.jsonl, written by someone who saw
+    neither the code nor the prototype banks): concrete (time, people, money) against weak (a brochure)."""
+    import json
+
+    from bot.config import EVALS_DIR
+    from bot.knowledge import bundled_embeddings
+    from bot.reading import ProposalBank
+
+    bank = ProposalBank(bundled_embeddings())
+    rows = [json.loads(line) for line in (EVALS_DIR / "data" / "moves" / "proposals-test.jsonl").open(encoding="utf-8")]
+    for lang in ("zh", "en"):
+        subset = [r for r in rows if r["lang"] == lang]
+        right = sum(bank.read(r["utterance"]) == r["proposal"] for r in subset)
+        assert right / len(subset) >= 0.85, (lang, right, len(subset))
