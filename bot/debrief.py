@@ -176,6 +176,9 @@ def _ending(
             en="There were enough explicit needs, but the close asked for nothing concrete (a brochure, a call "
             "next week), so the buyer committed to nothing.",
         ))
+    elif last == "no_sale" and explicit == 0:
+        reasons.append(Text(zh="你请求了承诺，但客户一个明确需求都没有说出来，只能拒绝。",
+                            en="You asked for a commitment before the buyer had stated a single need, so he declined."))
     elif last in ("continuation", "no_sale") and "pushback" in kinds:
         reasons.append(Text(zh="多次过早请求承诺，客户结束了会面。",
                             en="You kept asking for commitment too early, and the buyer ended the meeting."))

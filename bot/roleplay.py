@@ -285,8 +285,9 @@ def _react(card: Scenario, state: CallState, reading: Reading) -> tuple[CallStat
         return _apply(state, Reaction("impatient"))
     if label == "S" and topic_kind(card, reading.topic) == "problem":
         if reading.topic in state.implied:
-            # A detail of a problem he has admitted: nothing new to tell, but no sign of not listening.
-            return _apply(state, Reaction("nothing_more", topic=reading.topic), 0.0)
+            # A detail of a problem he has admitted: nothing new to tell, but no sign of not listening,
+            # and the talk is now on that problem.
+            return _apply(replace(state, focus=reading.topic), Reaction("nothing_more", topic=reading.topic), 0.0)
         # A fact asked about a problem ("how many wrong shipments a month?") touches the problem itself.
         return _problem(card, state, reading, rules)
     if label == "S":
@@ -338,7 +339,8 @@ def _problem(card: Scenario, state: CallState, reading: Reading, rules: Rules) -
     if problem_id is None or topic_kind(card, problem_id) != "problem":
         return _apply(state, Reaction("vague"))
     if problem_id in state.implied:
-        return _apply(state, Reaction("nothing_more", topic=problem_id))
+        # Back to a problem he has admitted: he said it already, and the talk is on it again.
+        return _apply(replace(state, focus=problem_id), Reaction("nothing_more", topic=problem_id))
     if state.trust < rules.problem_trust:
         # Not yet, but a question aimed at a real difficulty tells the buyer the rep knows the trade.
         return _credit(state, problem_id, Reaction("not_yet", topic=problem_id))
