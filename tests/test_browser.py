@@ -405,7 +405,8 @@ def test_review_tab_opens_a_saved_call_and_evaluates_an_uploaded_set(page: Page,
     expect(calls).to_have_value(saved.name)
     page.locator("#open-call").click()
     expect(page.locator("#review-debrief")).to_contain_text("复盘", timeout=SLOW)
-    expect(page.locator("#review-debrief")).to_contain_text(WAREHOUSE_LINES[0])
+    # The saved call's own content: the problem its second line uncovered.
+    expect(page.locator("#review-debrief")).to_contain_text(scenarios.get(WAREHOUSE).problem("pick-errors").topic.zh)
     image_loaded(page, "#review-chart img")
 
     labelled = tmp_path / "tiny-labelled.jsonl"
