@@ -67,20 +67,20 @@ def _won(call: PlayedCall) -> bool:
     return call.final.outcome in ("Advance", "Order")
 
 
+def _ended_as(call: PlayedCall) -> str:
+    return f"outcome {call.final.outcome}, explicit needs {list(call.final.explicit)}"
+
+
 def _skilled(call: PlayedCall) -> str | None:
-    return None if _won(call) else f"outcome {call.final.outcome}, explicit needs {list(call.final.explicit)}"
+    return None if _won(call) else _ended_as(call)
 
 
 def _feature_dumper(call: PlayedCall) -> str | None:
-    if call.final.explicit or call.final.outcome != "No-sale":
-        return f"outcome {call.final.outcome}, explicit needs {list(call.final.explicit)}"
-    return None
+    return _ended_as(call) if call.final.explicit or call.final.outcome != "No-sale" else None
 
 
 def _lazy(call: PlayedCall) -> str | None:
-    if call.final.explicit or _won(call):
-        return f"outcome {call.final.outcome}, explicit needs {list(call.final.explicit)}"
-    return None
+    return _ended_as(call) if call.final.explicit or _won(call) else None
 
 
 def _nothing_unlocked(call: PlayedCall) -> str | None:
