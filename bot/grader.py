@@ -206,7 +206,7 @@ class OfflineModel:
         from scipy import sparse
 
         focus_vectors = np.asarray(self.embeddings.embed_documents(list(focus)), dtype=np.float32)
-        context_texts = [c or "(none)" for c in contexts]
+        context_texts = [c or "(none)" for c in contexts]  # as in embedded_texts
         context_vectors = np.asarray(self.embeddings.embed_documents(context_texts), dtype=np.float32)
         has_context = np.array([[1.0 if c else 0.0] for c in contexts], dtype=np.float32)
         context_vectors *= has_context * 0.5
@@ -230,6 +230,10 @@ class OfflineModel:
                 self.context_char.transform(contexts) * 0.3,
             ]
         return sparse.hstack([*blocks, self._dense(focus, contexts)]).tocsr()
+
+    def embedded_texts(self, utterance: str, context: str) -> list[str]:
+        """What grading this line embeds: its focus question and the line it answers."""
+        return [focus_question(utterance), _strip_speaker(context) or "(none)"]
 
     def fit(self, items: Sequence[LabelledUtterance]) -> OfflineModel:
         features = self._features([i.utterance for i in items], [_strip_speaker(i.context) for i in items], True)
@@ -327,6 +331,9 @@ class OfflineGrader:
             lambda: OfflineModel(embeddings).fit(load_training_set(directory)), retrain=retrain,
         )
         return cls(model)
+
+    def embedded_texts(self, utterance: str, context: str = "") -> list[str]:
+        return self._model.embedded_texts(utterance, context)
 
     def grade(self, utterance: str, context: str = "") -> Grade:
         return self.grade_batch([(utterance, context)])[0]

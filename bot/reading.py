@@ -7,11 +7,13 @@ the bundled e5 embeddings) and the LLM reader (one structured call returning all
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
@@ -159,6 +161,10 @@ class Reader(Protocol):
 
     def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading: ...
 
+    def prepare(self, context: str) -> None:
+        """Work that can be done on the buyer's reply while the rep is still typing."""
+        ...
+
 
 def topic_kind(card: Scenario, topic: str | None) -> Literal["fact", "problem"] | None:
     if topic in {f.id for f in card.facts}:
@@ -180,6 +186,7 @@ class MemoEmbeddings:
         self._size = size
         self._cache: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def _get(self, kind: str, text: str) -> list[float] | None:
         with self._lock:
@@ -198,7 +205,24 @@ class MemoEmbeddings:
         with self._lock:
             self._cache.clear()
 
+    def warm(self, texts: Sequence[str]) -> None:
+        """Embed the texts not yet memoised, one per core at the same time: a line and its focus question
+        cost the slower of the two, not their sum (the bundled engine is re-entrant)."""
+        missing = list(dict.fromkeys(t for t in texts if self._get("passage", t) is None))
+        if len(missing) < 2:
+            self.embed_documents(missing)
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="embed")
+            pool = self._pool
+        vectors = pool.map(lambda text: self._inner.embed_documents([text])[0], missing)
+        for text, vector in zip(missing, vectors, strict=True):
+            self._put("passage", text, vector)
+
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
+        if not texts:
+            return []
         found = {t: v for t in texts if (v := self._get("passage", t)) is not None}
         missing = list(dict.fromkeys(t for t in texts if t not in found))
         if missing:
@@ -251,6 +275,9 @@ class MoveModel:
     def fit(self, utterances: Sequence[str], moves: Sequence[Move]) -> MoveModel:
         self.clf.fit(self._features(utterances, True), list(moves))
         return self
+
+    def embedded_texts(self, utterance: str) -> list[str]:
+        return [utterance.strip()]
 
     def probabilities(self, utterance: str) -> dict[Move, float]:
         """Every move with its probability, most likely first."""
@@ -599,7 +626,20 @@ class OfflineReader:
     proposals: ProposalBank
     name: str = "offline"
 
+    def prepare(self, context: str) -> None:
+        self._warm(self.grader.embedded_texts("", context)[1:])
+
+    def _warm(self, texts: list[str]) -> None:
+        # Only a shared memo can hand the vectors on to the grader, move model and topic matcher.
+        if isinstance(self.moves.embeddings, MemoEmbeddings):
+            self.moves.embeddings.warm(texts)
+
     def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading:
+        plain = disguised(utterance)
+        self._warm([
+            *self.grader.embedded_texts(utterance, context), *self.moves.embedded_texts(utterance),
+            *(self.moves.embedded_texts(plain) if plain is not None else []),
+        ])
         grade = self.grader.grade(utterance, context)
         move = self.read_move(utterance)
         topic = None
@@ -688,6 +728,9 @@ class LLMReader:
             utterance=defuse_tags(utterance.strip(), *_FENCED),
             reason_language="Simplified Chinese" if language == "zh" else "English",
         )
+
+    def prepare(self, context: str) -> None:
+        """Nothing to do ahead: the reply is read in the same call as the line."""
 
     def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading:
         attack = self._is_attack(utterance)

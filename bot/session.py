@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -82,6 +83,13 @@ class PracticeSession:
         self.opening = card.opening(language)
         self.header = header_now(card.id, engine, model, language)
         self._writer = TranscriptWriter(transcript, self.header) if transcript is not None else None
+        self._prepare(f"buyer: {self.opening}")
+
+    def _prepare(self, context: str) -> None:
+        """Let the readers work on the buyer's words while the rep reads them and types."""
+        for reader in (self._reader, self._predictor):
+            if reader is not None:
+                threading.Thread(target=_quietly, args=(reader.prepare, context), daemon=True).start()
 
     @property
     def transcript_path(self) -> Path | None:
@@ -141,6 +149,8 @@ class PracticeSession:
         self.state = state
         self.history.append((text, buyer_text))
         self.results.append(result)
+        if not state.ended:
+            self._prepare(f"buyer: {buyer_text}")
         if not self._buyer.streams:
             yield buyer_text
         yield result
@@ -160,6 +170,12 @@ class PracticeSession:
             self.state = replace(self.state, outcome=roleplay.unfinished_outcome(self.state))
         self.close()
         return self.state
+
+
+def _quietly(work: Callable[[str], None], argument: str) -> None:
+    # Work done ahead is only a head start: the reading does it again if it failed here.
+    with contextlib.suppress(Exception):
+        work(argument)
 
 
 def _same_turn(guess: BuyerTurn, actual: BuyerTurn) -> bool:

@@ -130,6 +130,66 @@ def test_memo_embeds_each_text_once() -> None:
     assert calls == [2, 1, 1]
 
 
+def test_warm_embeds_the_missing_texts_apart_and_hands_them_on() -> None:
+    inner = FakeEmbeddingModel()
+    memo = MemoEmbeddings(inner)
+    memo.embed_documents(["known"])
+    memo.warm(["known", "line", "its question", "line"])
+    assert sorted(map(tuple, inner.calls)) == [("its question",), ("known",), ("line",)]
+    assert memo.embed_documents(["line", "its question"]) == inner.embed_documents(["line", "its question"])
+    assert len(inner.calls) == 4  # the last call is ours, not the memo's
+
+
+def test_bundled_embeddings_agree_when_called_from_several_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bot.knowledge import bundled_embeddings
+
+    e5 = bundled_embeddings()
+    texts = ["你们仓库一共多少人？", "How long have you been running this warehouse?", "错发之后客户怎么说？"] * 4
+    alone = e5.embed_documents(texts)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda text: e5.embed_documents([text])[0], texts))
+    assert together == alone
+
+
+def test_a_reader_sharing_one_memo_embeds_each_text_of_a_turn_once(
+    card_reader: Callable[[Scenario], OfflineReader],
+) -> None:
+    import copy
+
+    from bot.knowledge import bundled_embeddings
+
+    built = card_reader(scenarios.get(WAREHOUSE))
+    counted: list[str] = []
+
+    class Counting:
+        name = bundled_embeddings().name
+
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            counted.extend(texts)
+            return bundled_embeddings().embed_documents(texts)
+
+        def embed_query(self, text: str) -> list[float]:
+            raise AssertionError("the reader embeds passages only")
+
+    memo = MemoEmbeddings(Counting())
+    parts = (built.grader, built.moves, built.topics, built.proposals)
+    grader, moves, topics, proposals = (copy.copy(part) for part in parts)
+    grader._model = copy.copy(grader._model)
+    grader._model.embeddings = memo
+    moves.embeddings = memo
+    topics._embeddings = memo
+    proposals._embeddings = memo
+    reader = OfflineReader(built.card, grader, moves, topics, proposals)
+    reader.prepare("buyer: 我们两个仓一共一百二十人。")
+    assert counted == ["我们两个仓一共一百二十人。"]
+    line = "明白了。那错发之后，客户一般会怎么处理？"
+    reading = reader.read(line, "buyer: 我们两个仓一共一百二十人。")
+    assert reading == built.read(line, "buyer: 我们两个仓一共一百二十人。")
+    assert sorted(counted[1:]) == sorted([line, "那错发之后，客户一般会怎么处理？"])
+
+
 @pytest.fixture
 def warehouse_reader(card_reader: Callable[[Scenario], OfflineReader]) -> OfflineReader:
     return card_reader(scenarios.get(WAREHOUSE))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -32,12 +33,16 @@ class ScriptedReader:
     def __init__(self, labels: Sequence[Label]) -> None:
         self._labels = list(labels)
         self.seen: list[tuple[str, str]] = []
+        self.prepared: list[str] = []
         self.card = scenarios.get(SCENARIO)
 
     def read(self, utterance: str, context: str = "", focus: str | None = None) -> Reading:
         self.seen.append((utterance, context))
         label = self._labels.pop(0)
         return Reading(label, "summary" if label == "O" else "question", None, "scripted reason", reader=self.name)
+
+    def prepare(self, context: str) -> None:
+        self.prepared.append(context)
 
 
 def _session(path: Path, labels: Sequence[Label], *, buyer: object | None = None) -> PracticeSession:
@@ -102,6 +107,20 @@ def test_streaming_buyer_turn_is_on_disk_before_the_result(tmp_path: Path) -> No
 
 def _observe(session: PracticeSession, rep: str, path: Path) -> list[tuple[object, int]]:
     return [(part, len(_turns_on_disk(path))) for part in session.play_stream(rep)]
+
+
+def test_the_reader_prepares_each_buyer_line_before_the_rep_answers_it(tmp_path: Path) -> None:
+    session = _session(tmp_path / "call.jsonl", ["O", "S"])
+    reader: ScriptedReader = session._reader  # type: ignore[assignment]
+    first = session.play("您好，谢谢您抽时间见我。")
+    expected = [f"buyer: {session.opening}", f"buyer: {first.buyer}"]
+    for _ in range(200):  # prepared on a background thread
+        if len(reader.prepared) == 2:
+            break
+        time.sleep(0.01)
+    assert reader.prepared == expected
+    session.play("你们仓库有多大？")
+    assert reader.seen[1][1] == expected[1]  # the reply prepared is the context the next line is read in
 
 
 def test_header_now_and_writer_never_overwrites(tmp_path: Path) -> None:
