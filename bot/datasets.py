@@ -20,6 +20,18 @@ class RepLine(BaseModel):
     utterance: str = Field(min_length=1)
 
 
+class RepeatPair(BaseModel):
+    """An earlier rep question the buyer answered, a later line, and whether the later one asks it again."""
+
+    id: str = Field(min_length=1)
+    lang: Literal["zh", "en"]
+    card: str = ""
+    first: str = Field(min_length=1)
+    later: str = Field(min_length=1)
+    same: bool
+    source: str = ""
+
+
 class DataError(ValueError):
     """A data file is unreadable or malformed; the message names the file and line."""
 
