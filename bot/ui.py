@@ -3,6 +3,7 @@ into plain warnings; every browser session keeps its own call in gr.State."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 import tempfile
 import uuid
@@ -443,8 +444,26 @@ def build_app(runtime: Runtime) -> gr.Blocks:
     return app
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (like MALLOC_ARENA_MAX) before the server starts its threads.
+
+    Each thread that allocates while another does gets an arena of its own, and each arena keeps its
+    high-water mark: with readings running two at a time under 20 sessions the UI process grew from
+    about 610 to 790 MB (`make bench`). Elsewhere than glibc this does nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        m_arena_max = -8  # from glibc's malloc.h
+        ctypes.CDLL(name).mallopt(m_arena_max, arenas)
+
+
 def serve(runtime: Runtime, host: str = "127.0.0.1", port: int = 7860, *, no_auth: bool = False) -> None:
     """Build the index if needed and serve the page (password-protected off loopback)."""
+    limit_malloc_arenas()
     auth = runtime.settings.ui_auth(host, no_auth=no_auth)
     runtime.index.ensure()
     build_app(runtime).queue(default_concurrency_limit=8).launch(
