@@ -131,8 +131,7 @@ def disclosed(card: Scenario, state: CallState, language: Language) -> str:
     for problem_id in state.implied:
         problem = card.problem(problem_id)
         lines.append(f"- {problem.implied(language)}")
-        shown = state.implications.get(problem_id, 0)
-        lines += [f"- {text(language)}" for text in problem.implications[:shown]]
+        lines += [f"- {problem.implications[i](language)}" for i in state.implications.get(problem_id, ())]
         if problem_id in state.explicit:
             lines.append(f"- {problem.need_payoff(language)}")
     return "\n".join(lines)

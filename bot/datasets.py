@@ -20,6 +20,18 @@ class RepLine(BaseModel):
     utterance: str = Field(min_length=1)
 
 
+class ImplicationSample(BaseModel):
+    """An Implication question about a card's problem, and the consequence it is aimed at (None: none)."""
+
+    id: str = Field(min_length=1)
+    lang: Literal["zh", "en"]
+    card: str = Field(min_length=1)
+    problem: str = Field(min_length=1)
+    utterance: str = Field(min_length=1)
+    implication: int | None
+    source: str = ""
+
+
 class RepeatPair(BaseModel):
     """An earlier rep question the buyer answered, a later line, and whether the later one asks it again."""
 

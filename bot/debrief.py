@@ -63,7 +63,7 @@ def next_step(card: Scenario, state: CallState, language: Language) -> tuple[str
         return "O", ("您看下周我带方案到现场，请相关负责人一起看一下，可以吗？" if zh
                      else "Could I bring a proposal to your site next week and go through it with the people involved?")
     for problem_id in state.implied:
-        if state.implications.get(problem_id, 0) == 0:
+        if not state.implications.get(problem_id):
             topic = card.problem(problem_id).topic(language)
             return "I", (f"您刚才提到{topic}，这对成本、客户或者其他部门带来了什么影响？" if zh
                          else f"You mentioned {topic}. What does that do to your costs, customers or other teams?")

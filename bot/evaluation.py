@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from bot.coach import Retriever
-from bot.datasets import DataError, RepLine, read_jsonl
+from bot.datasets import DataError, ImplicationSample, RepLine, read_jsonl
 from bot.grader import LABELS, Grade, Grader, Label, LabelledUtterance, grade_many
 from bot.reading import MOVES, Move, Reading
 
@@ -368,4 +368,22 @@ def eval_transcripts(target: Path) -> dict[str, Any]:
             "explicit_needs": sum(c["explicit_needs"] for c in calls),
             "outcomes": outcomes,
         },
+    }
+
+
+def pointing_figures(
+    samples: Sequence[ImplicationSample], point: Callable[[ImplicationSample], int | None]
+) -> dict[str, float]:
+    """Of the questions aimed at one consequence: the share pointed at it, at another, at none; of the
+    general ones: the share pointed at some consequence anyway."""
+    aimed = [(s.implication, point(s)) for s in samples if s.implication is not None]
+    general = [point(s) for s in samples if s.implication is None]
+    n = max(1, len(aimed))
+    return {
+        "aimed": len(aimed),
+        "general": len(general),
+        "right": sum(gold == said for gold, said in aimed) / n,
+        "wrong": sum(said is not None and gold != said for gold, said in aimed) / n,
+        "unpointed": sum(said is None for _, said in aimed) / n,
+        "general_pointed": sum(said is not None for said in general) / max(1, len(general)),
     }

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, Self, cast, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -130,6 +130,8 @@ class Reading:
     reader: str = "offline"
     proposal: Proposal | None = None  # for a commitment request: what it asks of the buyer
     presumes: bool = False  # the line asserts a difficulty rather than asking about one
+    implication: int | None = None  # for an Implication question: the consequence of the topic it points at
+    insight: bool = False  # a statement offering insight about the buyer's business or advice, selling nothing
 
     @property
     def graded(self) -> bool:
@@ -150,6 +152,8 @@ class Reading:
             "confidence": None if self.confidence is None else round(self.confidence, 3),
             "proposal": self.proposal,
             "presumes": self.presumes,
+            "implication": self.implication,
+            "insight": self.insight,
         }
 
 
@@ -251,7 +255,7 @@ class LabelledMove(RepLine):
     source: str | None = None
 
 
-class MoveModel:
+class LineClassifier:
     """Character n-grams and the e5 embedding of the whole line, fed to a logistic regression."""
 
     def __init__(self, embeddings: EmbeddingModel, c: float = 10.0) -> None:
@@ -267,20 +271,20 @@ class MoveModel:
 
         texts = [u.strip() for u in utterances]
         grams = self.char.fit_transform(texts) if fit else self.char.transform(texts)
-        # Weight and C chosen by 5-fold CV on the training set (evals/README.md).
+        # Weight and C chosen by 5-fold CV on the move training set (evals/README.md).
         dense = np.asarray(self.embeddings.embed_documents(texts), dtype=np.float32) * 3.5
         marks = np.array([[1.0 if ("?" in t or "？" in t) else 0.0, min(len(t), 200) / 200.0] for t in texts])
         return sparse.hstack([grams, sparse.csr_matrix(dense), sparse.csr_matrix(marks)]).tocsr()
 
-    def fit(self, utterances: Sequence[str], moves: Sequence[Move]) -> MoveModel:
-        self.clf.fit(self._features(utterances, True), list(moves))
+    def fit(self, utterances: Sequence[str], labels: Sequence[str]) -> Self:
+        self.clf.fit(self._features(utterances, True), list(labels))
         return self
 
     def embedded_texts(self, utterance: str) -> list[str]:
         return [utterance.strip()]
 
-    def probabilities(self, utterance: str) -> dict[Move, float]:
-        """Every move with its probability, most likely first."""
+    def class_probabilities(self, utterance: str) -> dict[str, float]:
+        """Every class with its probability, most likely first."""
         probabilities = self.clf.predict_proba(self._features([utterance], False))[0]
         classes = list(self.clf.classes_)
         return {classes[i]: float(probabilities[i]) for i in np.argsort(-probabilities)}
@@ -289,6 +293,13 @@ class MoveModel:
         state = dict(self.__dict__)
         state["embeddings"] = None
         return state
+
+
+class MoveModel(LineClassifier):
+    """What a rep line does: greeting, rapport, question, pitch, commitment, summary or attack."""
+
+    def probabilities(self, utterance: str) -> dict[Move, float]:
+        return cast(dict[Move, float], self.class_probabilities(utterance))
 
 
 def move_training_data(directory: Path = MOVE_DATA_DIR) -> tuple[list[str], list[Move]]:
@@ -369,6 +380,9 @@ GENERIC: tuple[str, ...] = (
     "有没有想改进的地方？", "您的痛点是什么？", "您对现在的情况满意吗？", "今年工作的重点是什么？",
     "还有别的困难吗？", "如果能改变一件事，您最想改什么？", "您觉得哪里还有提升空间？",
 )
+# Chosen on the tune file (scripts/calibrate_implications.py): no margin points at the right one most
+# often (0.93), and the rules make pointing harmless for a general question.
+IMPLICATION_MARGIN = 0.0
 GENERIC_MARGIN = 0.02  # chosen on the two topic tune files (none precision back to 0.96 with the rule on)
 # A line that asserts a difficulty the buyer never mentioned ("that must be costing you a fortune"):
 # a guess, which a buyer denies until he has admitted the problem himself.
@@ -384,6 +398,45 @@ def presumes(utterance: str) -> bool:
     """The line takes a difficulty as given rather than asking whether there is one."""
     return PRESUMING.search(utterance) is not None
 FOCUS_MARGIN = 0.02
+
+
+# --- insight or selling ---------------------------------------------------------------------------
+
+INSIGHT_DATA_DIR = EVALS_DIR / "data" / "insights"
+INSIGHT_TRAIN_GLOB = "insights-tune*.jsonl"
+INSIGHT_MODEL_VERSION = "1"
+INSIGHT_SURE = 0.6  # 5-fold CV on the tune file: precision 0.95, recall 0.95 (a pitch heard as insight would pay)
+
+
+class LabelledStatement(RepLine):
+    """A rep's statement: does it offer insight or advice about the buyer's business (selling nothing)?"""
+
+    model_config = ConfigDict(extra="ignore")
+    card: str | None = None
+    insight: bool
+    kind: str | None = None
+    source: str | None = None
+
+
+class InsightModel(LineClassifier):
+    """Tells insight about the buyer's business, or advice on the decision, from a pitch."""
+
+    def offers_insight(self, utterance: str) -> bool:
+        return self.class_probabilities(utterance).get("insight", 0.0) >= INSIGHT_SURE
+
+
+def insight_training_data(directory: Path = INSIGHT_DATA_DIR) -> tuple[list[str], list[str]]:
+    items = [item for path in _training_files(directory, INSIGHT_TRAIN_GLOB)
+             for item in read_jsonl(path, LabelledStatement)]
+    return [i.utterance for i in items], ["insight" if i.insight else "selling" for i in items]
+
+
+def load_or_train_insights(embeddings: EmbeddingModel, store: Path, *, retrain: bool = False) -> InsightModel:
+    """The stored insight model if it matches the training data and code, else a freshly trained one."""
+    header = f"{INSIGHT_MODEL_VERSION}\n{embeddings.name}\n{SEED}\n{INSIGHT_SURE}\n"
+    fingerprint = files_fingerprint(header, _training_files(INSIGHT_DATA_DIR, INSIGHT_TRAIN_GLOB))
+    return stored_model(store, "insight-model", fingerprint, embeddings,
+                        lambda: InsightModel(embeddings).fit(*insight_training_data()), retrain=retrain)
 
 
 # Commitment requests, by what they ask of the buyer. A concrete one costs him time, people or money
@@ -568,9 +621,30 @@ class TopicMatcher:
         self._background_vectors = self._embed(background)
         self._follow_vectors = self._embed(list(FOLLOW_UPS))
         self._generic_vectors = self._embed(list(GENERIC))
+        self._implication_vectors = {
+            p.id: self._embed([t for text in p.implications for t in (text.zh, text.en)]).reshape(
+                len(p.implications), 2, -1
+            )
+            for p in card.problems
+        }
 
     def _embed(self, texts: Sequence[str]) -> Any:
         return np.asarray(self._embeddings.embed_documents(list(texts)), dtype=np.float32)
+
+    def implication_scores(self, utterance: str, problem_id: str) -> list[float]:
+        """How close the line is to each consequence of the problem (the nearer of its zh and en text)."""
+        query = np.asarray(self._embeddings.embed_documents([utterance.strip()])[0], dtype=np.float32)
+        return [float(v) for v in (self._implication_vectors[problem_id] @ query).max(axis=1)]
+
+    def pointed_implication(self, utterance: str, problem_id: str) -> int | None:
+        """The consequence an Implication question points at, when one stands out from the others."""
+        if problem_id not in self._implication_vectors:
+            return None
+        scores = self.implication_scores(utterance, problem_id)
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        if len(order) == 1 or scores[order[0]] - scores[order[1]] >= IMPLICATION_MARGIN:
+            return order[0]
+        return None
 
     def scores(self, utterance: str) -> TopicScores:
         query = np.asarray(self._embeddings.embed_documents([utterance.strip()])[0], dtype=np.float32)
@@ -624,6 +698,7 @@ class OfflineReader:
     moves: MoveModel
     topics: TopicMatcher
     proposals: ProposalBank
+    insights: InsightModel | None = None
     name: str = "offline"
 
     def prepare(self, context: str) -> None:
@@ -658,9 +733,13 @@ class OfflineReader:
             ):
                 # "You worked at Walmart for ten years, right?": personal talk about this buyer (rule 7).
                 move = "rapport"
+        implication = None
+        if grade.label == "I" and topic is not None and topic_kind(self.card, topic) == "problem":
+            implication = self.topics.pointed_implication(utterance, topic)
+        insight = move in ("pitch", "summary") and self.insights is not None and self.insights.offers_insight(utterance)
         return Reading(
             grade.label, move, topic, grade.reason, grade.confidence, grade.better_question, self.name, proposal,
-            presumes(utterance),
+            presumes(utterance), implication, insight,
         )
 
     def read_move(self, utterance: str) -> Move:
@@ -687,6 +766,7 @@ class ReadingReply(BaseModel):
     move: Move
     topic: str = Field(min_length=1, max_length=80)
     proposal: Proposal | None = None
+    insight: bool = False
     reason: str = Field(min_length=1, max_length=400)
     better_question: str | None = Field(default=None, max_length=400)
 
@@ -700,12 +780,19 @@ class LLMReader:
     A reply outside the schema or naming a topic the card does not have is retried once, then the
     line is left ungraded: never guessed. `is_attack` (by default the lexical net; the runtime adds
     the offline move model) flags an attack whatever the model says: a fooled model unlocks nothing.
+    `points_at` (the runtime gives the offline topic matcher's) finds the consequence an Implication
+    question points at; the model never sees the card's consequences, so its reason and better question
+    cannot give them away.
     """
 
-    def __init__(self, card: Scenario, model: ChatModel, is_attack: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, card: Scenario, model: ChatModel, is_attack: Callable[[str], bool] | None = None,
+        points_at: Callable[[str, str], int | None] | None = None,
+    ) -> None:
         self.card = card
         self._model = model
         self._is_attack = is_attack or (lambda text: looks_like_attack(text, INJECTION_PATTERN))
+        self._points_at = points_at
         self.name = f"llm:{model.name}"
         self._topic_ids = {f.id for f in card.facts} | {p.id for p in card.problems}
 
@@ -744,8 +831,14 @@ class LLMReader:
         chosen = None if topic.lower() == "none" else topic
         # A commitment the model did not weigh is taken as weak: the buyer commits only to what was asked.
         proposal = (reply.proposal or "weak") if move == "commitment" else None
+        implication = None
+        if self._points_at is not None and reply.label == "I" and topic_kind(self.card, chosen) == "problem":
+            assert chosen is not None
+            implication = self._points_at(utterance, chosen)
+        insight = reply.insight and move in ("pitch", "summary")
         return Reading(
-            reply.label, move, chosen, reply.reason.strip(), None, better, self.name, proposal, presumes(utterance)
+            reply.label, move, chosen, reply.reason.strip(), None, better, self.name, proposal, presumes(utterance),
+            implication, insight,
         )
 
     def _unknown_topic(self, reply: ReadingReply) -> str | None:

@@ -41,6 +41,21 @@ GUESS_COST = 0.02  # an implication about a problem the buyer never admitted is 
 WALK_OUT_TRUST = 0.15  # below this the buyer ends the meeting
 PUSHBACK_MAX = 2  # early closes the buyer sits through before he ends the meeting
 INTRINSIC_PATIENCE = 12  # questions an intrinsic buyer answers before he wants the price
+INSIGHT_MAX = 2  # insights or pieces of advice a buyer credits; more is a lecture
+
+
+class _ValueTypeTable(TypedDict):
+    """One entry per ValueType: mypy reports a type left out."""
+
+    intrinsic: float
+    extrinsic: float
+    strategic: float
+
+
+# What insight about his business, or advice on the decision, does to trust (the course's value
+# types): a strategic buyer wants a supplier who brings insight, an extrinsic one wants advice, an
+# intrinsic one knows his trade and wants price and hassle settled.
+INSIGHT_TRUST: _ValueTypeTable = {"intrinsic": -0.03, "extrinsic": 0.04, "strategic": 0.05}
 
 
 @dataclass(frozen=True)
@@ -53,13 +68,14 @@ class CallState:
     trust: float = 0.5
     facts: tuple[str, ...] = ()
     implied: tuple[str, ...] = ()
-    implications: dict[str, int] = field(default_factory=dict)
+    implications: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per problem, in the order told
     explicit: tuple[str, ...] = ()
     objections: int = 0
     premature_pitches: int = 0
     pushbacks: int = 0
     repeats: int = 0
     rapport_moves: int = 0
+    insights: int = 0
     situation_streak: int = 0
     questions: int = 0
     credited: tuple[str, ...] = ()  # topics that already earned the rep credibility
@@ -76,6 +92,7 @@ class CallState:
         data = asdict(self)
         for key in _TUPLES:
             data[key] = list(getattr(self, key))
+        data["implications"] = {problem: list(shown) for problem, shown in self.implications.items()}
         data["trust"] = round(self.trust, 3)
         return data
 
@@ -85,6 +102,11 @@ class CallState:
         values = {k: v for k, v in data.items() if k in known}
         for key in _TUPLES:
             values[key] = tuple(values.get(key, ()))
+        # Transcripts saved before implications were told out of order hold a count: the first n.
+        values["implications"] = {
+            problem: tuple(range(shown)) if isinstance(shown, int) else tuple(shown)
+            for problem, shown in values.get("implications", {}).items()
+        }
         return cls(**values)
 
 
@@ -103,7 +125,7 @@ def start(card: Scenario) -> CallState:
 ReactionKind = Literal[
     "fact", "implied", "implication", "explicit", "objection", "benefit", "sceptical", "advance", "order",
     "continuation", "no_sale", "pushback", "walk_out", "rapport", "greeting", "vague", "nothing_more",
-    "impatient", "premature_payoff", "not_yet", "deflect", "ack",
+    "impatient", "premature_payoff", "not_yet", "deflect", "ack", "insight", "insight_unwanted",
 ]
 REACTION_KINDS: tuple[ReactionKind, ...] = get_args(ReactionKind)
 
@@ -149,6 +171,8 @@ class _ReactionTable(TypedDict):
     not_yet: ReactionSpec
     deflect: ReactionSpec
     ack: ReactionSpec
+    insight: ReactionSpec
+    insight_unwanted: ReactionSpec
 
 
 REACTIONS: _ReactionTable = {
@@ -219,6 +243,16 @@ REACTIONS: _ReactionTable = {
         Text(zh="试图打破角色扮演。", en="The line tried to break the role-play."),
     ),
     "ack": ReactionSpec("ack", "acknowledge briefly."),
+    "insight": ReactionSpec(
+        "insight", "the rep offered insight about your business or advice on the decision, not a pitch: "
+        "engage with it briefly and say what you make of it, revealing nothing you have not told.",
+    ),
+    "insight_unwanted": ReactionSpec(
+        "insight", "the rep is lecturing you about your own trade: brush it off and ask for the price, "
+        "delivery and what it takes to switch.", 0.0, 2,
+        Text(zh="这位客户看重价格和省事（内在价值型），不需要别人给他讲行业道理。",
+             en="This buyer values price and convenience (intrinsic): he did not want a lecture on his own trade."),
+    ),
 }
 
 
@@ -270,6 +304,8 @@ def _react(card: Scenario, state: CallState, reading: Reading) -> tuple[CallStat
     if reading.move == "commitment":
         # Judged by the action proposed, whatever its label ("Would a pilot next week help?" is a close).
         return _commitment(card, state, reading, rules)
+    if reading.insight and reading.move in ("pitch", "summary"):
+        return _insight(card, state)
     if reading.move == "pitch":
         return _pitch(card, state, reading)
     if reading.move in ("rapport", "greeting") or label == "O":
@@ -362,14 +398,19 @@ def _implication(card: Scenario, state: CallState, reading: Reading, rules: Rule
         return _credit(state, problem_id, Reaction("not_yet", topic=problem_id))
     if state.trust < rules.problem_trust:
         return _apply(state, Reaction("not_yet", topic=problem_id))
-    shown = state.implications.get(problem_id, 0)
+    shown = state.implications.get(problem_id, ())
     problem = card.problem(problem_id)
-    if shown >= len(problem.implications):
+    untold = [i for i in range(len(problem.implications)) if i not in shown]
+    if not untold:
         return _apply(state, Reaction("nothing_more", topic=problem_id))
-    implications = {**state.implications, problem_id: shown + 1}
+    # The consequence the question points at; else (a general question, or one he has answered) the
+    # next one he would raise himself. The reader points at the nearest consequence even for a general
+    # question, so "I told you" here would stonewall "what else does it affect?".
+    told = reading.implication if reading.implication in untold else untold[0]
+    implications = {**state.implications, problem_id: (*shown, told)}
     state = replace(state, implications=implications, focus=problem_id)
     return _apply(state, Reaction(
-        "implication", problem.implications[shown], (f"implication:{problem_id}:{shown + 1}",), problem_id
+        "implication", problem.implications[told], (f"implication:{problem_id}:{told + 1}",), problem_id
     ))
 
 
@@ -381,7 +422,7 @@ def _need_payoff(card: Scenario, state: CallState, reading: Reading, rules: Rule
         return _apply(state, Reaction("vague"))
     if problem_id in state.explicit:
         return _apply(state, Reaction("nothing_more", topic=problem_id))
-    if problem_id not in state.implied or state.implications.get(problem_id, 0) == 0 or (
+    if problem_id not in state.implied or not state.implications.get(problem_id) or (
         state.trust < rules.problem_trust
     ):
         # The value of a solution means nothing until the buyer has felt the problem's cost.
@@ -401,6 +442,16 @@ def _pitch(card: Scenario, state: CallState, reading: Reading) -> tuple[CallStat
         objection = card.objections[(state.objections - 1) % len(card.objections)]
         return _apply(state, Reaction("objection", objection, topic=need))
     return _apply(state, Reaction("sceptical", topic=need))
+
+
+def _insight(card: Scenario, state: CallState) -> tuple[CallState, Reaction]:
+    """A statement about the buyer's business or the decision, selling nothing: judged by value type."""
+    state = replace(state, insights=state.insights + 1)
+    kind: ReactionKind = "insight_unwanted" if card.value_type == "intrinsic" else "insight"
+    trust = INSIGHT_TRUST[card.value_type]
+    if trust > 0 and state.insights > INSIGHT_MAX:
+        trust = -SMALL_TALK_COST  # a third lesson in a row uses up his time
+    return _apply(state, Reaction(kind), trust)
 
 
 def _other(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState, Reaction]:

@@ -14,6 +14,7 @@ from bot.grader import Grader, LLMGrader, OfflineGrader
 from bot.knowledge import KnowledgeIndex, bundled_embeddings
 from bot.llm import ChatModel, EmbeddingModel, chat_model_from_settings, embedding_model_from_settings
 from bot.reading import (
+    InsightModel,
     LLMReader,
     MemoEmbeddings,
     MoveModel,
@@ -22,6 +23,7 @@ from bot.reading import (
     Reader,
     TopicGate,
     TopicMatcher,
+    load_or_train_insights,
     load_or_train_moves,
     load_or_train_topic_gate,
 )
@@ -109,11 +111,16 @@ class Runtime:
             return self._matchers[card.id]
 
     @cached_property
+    def insight_model(self) -> InsightModel:
+        return load_or_train_insights(self.reading_embeddings, self.settings.spinbot_home / "models")
+
+    @cached_property
     def proposal_bank(self) -> ProposalBank:
         return ProposalBank(self.reading_embeddings)
 
     def offline_reader(self, card: Scenario) -> OfflineReader:
-        return OfflineReader(card, self.offline_grader, self.move_model, self.topic_matcher(card), self.proposal_bank)
+        return OfflineReader(card, self.offline_grader, self.move_model, self.topic_matcher(card), self.proposal_bank,
+                             self.insight_model)
 
     def reader(self, card: Scenario, kind: Engine | None = None) -> Reader:
         """The reader of the engine in use (or of the kind asked for) for one card."""
@@ -122,7 +129,8 @@ class Runtime:
             return self.offline_reader(card)
         model = self.models.get("grader") or chat_model_from_settings(self.settings, "grader")
         offline = self.offline_reader(card)
-        return LLMReader(card, model, lambda text: offline.read_move(text) == "injection")
+        return LLMReader(card, model, lambda text: offline.read_move(text) == "injection",
+                         offline.topics.pointed_implication)
 
     def buyer(self) -> Buyer:
         model = self.model("buyer")

@@ -21,7 +21,7 @@ DecisionRole = Literal["economic_buyer", "decision_maker", "influencer", "user",
 # The buyer's stock lines, by situation: a card words each one its own way (at least one variant).
 LineKey = Literal[
     "greeting", "rapport", "vague", "nothing_more", "impatient", "premature_payoff", "not_yet",
-    "sceptical", "benefit", "pushback", "walk_out", "deflect", "ack",
+    "sceptical", "insight", "benefit", "pushback", "walk_out", "deflect", "ack",
 ]
 LINE_KEYS: tuple[LineKey, ...] = get_args(LineKey)
 # The course pairs each customer value type with one sales type.

@@ -669,7 +669,7 @@ def locked_texts(card: Scenario, state: CallState) -> list[str]:
     for p in card.problems:
         if p.id not in state.implied:
             texts.append(p.implied)
-        texts += p.implications[state.implications.get(p.id, 0) :]
+        texts += [text for i, text in enumerate(p.implications) if i not in state.implications.get(p.id, ())]
         if p.id not in state.explicit:
             texts.append(p.need_payoff)
     return [t for text in texts for t in (text.zh, text.en)]

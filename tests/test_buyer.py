@@ -97,7 +97,7 @@ def test_repeated_pitches_get_different_objections(practice: Callable[..., Pract
 def _midcall_state(card: Scenario) -> CallState:
     """Scale and pick-errors (problem + one consequence) disclosed; nothing else."""
     return replace(roleplay.start(card), turn=3, facts=("scale",), implied=("pick-errors",),
-                   implications={"pick-errors": 1}, focus="pick-errors")
+                   implications={"pick-errors": (0,)}, focus="pick-errors")
 
 
 @pytest.mark.parametrize("language", ["zh", "en"])
@@ -149,7 +149,7 @@ def test_llm_buyer_without_a_retriever_uses_the_value_type_note(card: Scenario) 
 
 def test_disclosed_lists_only_unlocked_content(card: Scenario) -> None:
     assert disclosed(card, roleplay.start(card), "zh") == ""
-    state = replace(_midcall_state(card), explicit=("pick-errors",), implications={"pick-errors": 3})
+    state = replace(_midcall_state(card), explicit=("pick-errors",), implications={"pick-errors": (0, 1, 2)})
     text = disclosed(card, state, "en")
     problem = card.problem("pick-errors")
     assert all(t.en in text for t in (problem.implied, *problem.implications, problem.need_payoff))
@@ -166,7 +166,7 @@ def test_llm_buyer_history_is_trimmed_on_long_calls(card: Scenario) -> None:
                     for n in range(1, 30))
     state = replace(roleplay.start(card), turn=29, facts=tuple(f.id for f in card.facts),
                     implied=tuple(p.id for p in card.problems),
-                    implications={p.id: len(p.implications) for p in card.problems})
+                    implications={p.id: tuple(range(len(p.implications))) for p in card.problems})
     turn = BuyerTurn(card, state, Reaction("nothing_more"), card.lines["nothing_more"][0].zh, "第30个问题？",
                      history, "zh")
     messages = buyer.messages(turn)

@@ -180,8 +180,8 @@ def test_next_step_progresses_s_p_i_n_then_a_close(card: Scenario, language: str
         {},
         {"facts": (fact.id,)},
         {"facts": (fact.id,), "implied": (first.id,)},
-        {"facts": (fact.id,), "implied": (first.id,), "implications": {first.id: 1}},
-        {"facts": (fact.id,), "implied": (first.id,), "implications": {first.id: 1}, "explicit": (first.id,)},
+        {"facts": (fact.id,), "implied": (first.id,), "implications": {first.id: (0,)}},
+        {"facts": (fact.id,), "implied": (first.id,), "implications": {first.id: (0,)}, "explicit": (first.id,)},
     ):
         steps.append(debrief.next_step(card, replace(state, **update), language))  # type: ignore[arg-type]
     assert [label for label, _ in steps] == ["S", "P", "I", "N", "P"]
@@ -189,7 +189,7 @@ def test_next_step_progresses_s_p_i_n_then_a_close(card: Scenario, language: str
     assert first.topic(language) in steps[2][1] and first.topic(language) in steps[3][1]
     assert not any(second.topic(language) in example for _, example in steps)  # never opened: never named
     done = replace(state, implied=tuple(p.id for p in card.problems), explicit=tuple(p.id for p in card.problems),
-                   implications={p.id: 1 for p in card.problems})
+                   implications={p.id: (0,) for p in card.problems})
     assert debrief.next_step(card, done, language)[0] == "O"  # type: ignore[arg-type]
 
 
@@ -203,9 +203,9 @@ def test_grader_agrees_with_next_step_questions(offline_grader: OfflineGrader) -
             for k, problem in enumerate(card.problems[: card.advance.requires_explicit_needs]):
                 done = tuple(p.id for p in card.problems[:k])  # earlier problems fully developed
                 base = replace(roleplay.start(card), facts=(card.facts[k % len(card.facts)].id,), implied=done,
-                               explicit=done, implications=dict.fromkeys(done, 1))
+                               explicit=done, implications=dict.fromkeys(done, (0,)))
                 implied = replace(base, implied=(*done, problem.id))
-                felt = replace(implied, implications={**base.implications, problem.id: 1})
+                felt = replace(implied, implications={**base.implications, problem.id: (0,)})
                 for label, state in (("P", base), ("I", implied), ("N", felt)):
                     suggested, question = debrief.next_step(card, state, language)  # type: ignore[arg-type]
                     checks.append((label, suggested, question))

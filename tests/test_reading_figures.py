@@ -5,7 +5,8 @@
 - move: the held-out move set (written apart from the training set, partly from public material);
 - attacks: three held-out attack sets (the third from public prompt-injection material), and false
   alarms on real questions from all of the above;
-- topic: the held-out per-card topic set (the topic gate is trained on the tune files only).
+- topic: the held-out per-card topic set (the topic gate is trained on the tune files only);
+- implication: held-out Implication questions aimed at one consequence of a card problem.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from bot import scenarios
 from bot.evaluation import ReadingSample, eval_readings
-from bot.reading import OfflineReader, Reading
+from bot.reading import InsightModel, OfflineReader, Reading
 from bot.scenarios import Scenario
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,3 +103,45 @@ def test_off_topic_questions_read_as_no_topic(read: Callable[[Path], dict]) -> N
     topic = read(DATA / "topics" / "topics-test.jsonl")["topic"]
     assert topic["n"] >= 480
     assert topic["none"]["precision"] >= 0.90 and topic["none"]["recall"] >= 0.90, topic["none"]
+
+
+@pytest.mark.parametrize("lang", ["zh", "en"])
+def test_implication_questions_point_at_the_consequence_they_aim_at(
+    card_reader: Callable[[Scenario], OfflineReader], lang: str
+) -> None:
+    """Held-out questions by an author who never saw the tune file, many naming another consequence
+    on the way; the bar was set from the tune figure (0.93) before this file was read."""
+    from bot.datasets import ImplicationSample, read_jsonl
+    from bot.evaluation import pointing_figures
+
+    samples = [s for s in read_jsonl(DATA / "implications" / "implications-test.jsonl", ImplicationSample)
+               if s.lang == lang]
+    figures = pointing_figures(
+        samples, lambda s: card_reader(scenarios.get(s.card)).topics.pointed_implication(s.utterance, s.problem)
+    )
+    assert figures["aimed"] >= 150 and figures["right"] >= 0.80, figures
+
+
+@pytest.fixture(scope="module")
+def insight_model(tmp_path_factory: pytest.TempPathFactory) -> InsightModel:
+    from bot.knowledge import bundled_embeddings
+    from bot.reading import load_or_train_insights
+
+    return load_or_train_insights(bundled_embeddings(), tmp_path_factory.mktemp("insight-store"))
+
+
+def test_insight_and_advice_are_told_from_selling(insight_model: InsightModel) -> None:
+    """Held-out statements by an author who never saw the tune file, hard ones included (product talk
+    dressed as industry insight, "across our clients we see…" selling nothing); bars set from the
+    tune file's cross-validated figures (0.95 / 0.95) before this file was read."""
+    from bot.datasets import read_jsonl
+    from bot.reading import LabelledStatement
+
+    items = read_jsonl(DATA / "insights" / "insights-test.jsonl", LabelledStatement)
+    said = [insight_model.offers_insight(item.utterance) for item in items]
+    for lang in ("zh", "en"):
+        rows = [(item.insight, s) for item, s in zip(items, said, strict=True) if item.lang == lang]
+        hits = sum(gold and s for gold, s in rows)
+        precision = hits / max(1, sum(s for _, s in rows))
+        recall = hits / sum(gold for gold, _ in rows)
+        assert len(rows) >= 120 and precision >= 0.85 and recall >= 0.75, (lang, precision, recall)

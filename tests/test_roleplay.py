@@ -45,9 +45,12 @@ def reading(
     problem: str | None = None,
     injection: bool = False,
     proposal: Proposal | None = None,
+    implication: int | None = None,
+    insight: bool = False,
 ) -> Reading:
     """A reading of a line with this label and move about `fact` or `problem` (or no topic)."""
-    return Reading(label, "injection" if injection else move, fact or problem, "test", proposal=proposal)
+    return Reading(label, "injection" if injection else move, fact or problem, "test", proposal=proposal,
+                   implication=implication, insight=insight)
 
 
 def trust_of(kind: roleplay.ReactionKind) -> float:
@@ -189,9 +192,31 @@ def test_implications_unlock_one_by_one_after_the_problem(card: Scenario) -> Non
     for n, implication in enumerate(problem.implications, start=1):
         state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
         assert reaction.kind == "implication" and reaction.disclosure == implication
-        assert reaction.unlocked == (f"implication:pick-errors:{n}",) and state.implications == {"pick-errors": n}
+        assert reaction.unlocked == (f"implication:pick-errors:{n}",)
+        assert state.implications == {"pick-errors": tuple(range(n))}
     state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
-    assert reaction.kind == "nothing_more" and state.implications == {"pick-errors": len(problem.implications)}
+    assert reaction.kind == "nothing_more" and state.implications == {"pick-errors": (0, 1, 2)}
+
+
+def test_the_implication_told_is_the_one_the_question_points_at(card: Scenario) -> None:
+    problem = card.problem("pick-errors")
+    state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="pick-errors"))
+    state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors", implication=2))
+    assert reaction.disclosure == problem.implications[2] and reaction.unlocked == ("implication:pick-errors:3",)
+    # A question pointing at nothing, or at what he has told, gets the first one he has not told.
+    state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
+    assert reaction.disclosure == problem.implications[0] and state.implications == {"pick-errors": (2, 0)}
+    state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors", implication=2))
+    assert reaction.disclosure == problem.implications[1] and state.implications == {"pick-errors": (2, 0, 1)}
+    state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors", implication=0))
+    assert reaction.kind == "nothing_more"
+
+
+def test_a_state_saved_with_a_count_of_implications_loads_as_the_first_ones(card: Scenario) -> None:
+    saved = {**roleplay.start(card).to_json(), "implied": ["pick-errors"], "implications": {"pick-errors": 2}}
+    assert roleplay.CallState.from_json(saved).implications == {"pick-errors": (0, 1)}
+    state = replace(roleplay.start(card), implications={"pick-errors": (2, 0)})
+    assert roleplay.CallState.from_json(state.to_json()) == state
 
 
 def test_need_payoff_before_any_problem_unlocks_nothing(card: Scenario) -> None:
@@ -584,11 +609,14 @@ def test_implications_unlock_one_by_one_after_a_problem_question(
     result = say(topic.p, "P")
     assert result.reaction.kind == "implied" and result.reaction.topic == topic.problem
     assert result.buyer == problem.implied.zh and session.state.implied == (topic.problem,)
-    for n, question in enumerate(topic.i, start=1):
+    told: list[str] = []
+    for question in topic.i[: len(problem.implications)]:
         result = say(question, "I")
         assert (result.reaction.kind, result.reaction.topic) == ("implication", topic.problem), question
-        assert result.buyer == problem.implications[n - 1].zh
-        assert session.state.implications == {topic.problem: n}
+        # The one the question points at, or the next he would raise: never one he has told.
+        assert result.buyer in {t.zh for t in problem.implications} - set(told)
+        told.append(result.buyer)
+    assert sorted(session.state.implications[topic.problem]) == list(range(len(problem.implications)))
     result = say(topic.i[0], "I")
     assert result.reaction.kind == "nothing_more" and result.buyer in stock_lines(card, "nothing_more")
 
@@ -732,8 +760,9 @@ def test_injection_prompt_to_the_llm_buyer_holds_no_locked_fact(
     for text, label in turns:
         fake_server.enqueue("嗯。")
         say(text, label)
-    disclosed_texts = [card.problem(script.topics[0].problem).implied.zh,
-                       card.problem(script.topics[0].problem).implications[0].zh]
+    problem = card.problem(script.topics[0].problem)
+    told = session.state.implications[problem.id]
+    disclosed_texts = [problem.implied.zh, *(problem.implications[i].zh for i in told)]
     for attack in INJECTIONS:
         fake_server.enqueue("你这话我听不懂，咱们还是聊正事。")
         result = session.play(attack)
@@ -754,3 +783,23 @@ def test_off_topic_situation_question_unlocks_nothing(practice: Callable[..., Pr
     session = practice(WAREHOUSE)
     result = player(session)("你们老板平时几点上班？", "S")
     assert result.reaction.kind == "vague" and session.state.facts == ()
+
+
+@pytest.mark.parametrize("card_id", [c.id for c in scenarios.builtin()])
+def test_insight_is_judged_by_the_buyers_value_type(card_id: str) -> None:
+    """Strategic buyers want insight, extrinsic ones advice: both credit it (a little, twice at most);
+    an intrinsic buyer knows his trade and brushes it off. A pitch before needs still draws an objection."""
+    card = scenarios.get(card_id)
+    state = roleplay.start(card)
+    trusts = [state.trust]
+    for _ in range(3):
+        state, reaction = roleplay.step(card, state, reading("O", "pitch", insight=True))
+        trusts.append(state.trust)
+        assert reaction.kind == ("insight_unwanted" if card.value_type == "intrinsic" else "insight")
+        assert state.objections == 0 and state.premature_pitches == 0
+    if card.value_type == "intrinsic":
+        assert trusts[1] < trusts[0]
+    else:
+        assert trusts[0] < trusts[1] < trusts[2] and trusts[3] < trusts[2]  # a third is a lecture
+    state, reaction = roleplay.step(card, state, reading("O", "pitch"))
+    assert reaction.kind == "objection"

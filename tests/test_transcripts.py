@@ -246,7 +246,7 @@ def _eval_folder(tmp_path: Path) -> Path:
     folder.mkdir()
     counts1 = {"S": 1, "P": 1, "I": 1, "N": 1, "O": 1}
     final1 = _state(turn=5, implied=("pick-errors", "walking"), explicit=("pick-errors",),
-                    implications={"pick-errors": 1}, counts=counts1, outcome="Continuation")
+                    implications={"pick-errors": (0,)}, counts=counts1, outcome="Continuation")
     labels1 = ["S", "P", "I", "N", "O"]
     turns1 = [_turn(i, label, _state(turn=i)) for i, label in enumerate(labels1[:-1], start=1)]
     _write(folder / "1-call.jsonl", [*turns1, _turn(5, "O", final1)])
