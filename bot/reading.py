@@ -431,11 +431,14 @@ def insight_training_data(directory: Path = INSIGHT_DATA_DIR) -> tuple[list[str]
     return [i.utterance for i in items], ["insight" if i.insight else "selling" for i in items]
 
 
+def insight_fingerprint(embeddings: EmbeddingModel) -> str:
+    header = f"{INSIGHT_MODEL_VERSION}\n{embeddings.name}\n{SEED}\n"
+    return files_fingerprint(header, _training_files(INSIGHT_DATA_DIR, INSIGHT_TRAIN_GLOB))
+
+
 def load_or_train_insights(embeddings: EmbeddingModel, store: Path, *, retrain: bool = False) -> InsightModel:
     """The stored insight model if it matches the training data and code, else a freshly trained one."""
-    header = f"{INSIGHT_MODEL_VERSION}\n{embeddings.name}\n{SEED}\n{INSIGHT_SURE}\n"
-    fingerprint = files_fingerprint(header, _training_files(INSIGHT_DATA_DIR, INSIGHT_TRAIN_GLOB))
-    return stored_model(store, "insight-model", fingerprint, embeddings,
+    return stored_model(store, "insight-model", insight_fingerprint(embeddings), embeddings,
                         lambda: InsightModel(embeddings).fit(*insight_training_data()), retrain=retrain)
 
 

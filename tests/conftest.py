@@ -129,7 +129,7 @@ def free_port() -> int:
 if TYPE_CHECKING:
     from bot.buyer import Buyer
     from bot.grader import OfflineGrader
-    from bot.reading import MoveModel, OfflineReader, TopicGate
+    from bot.reading import InsightModel, MoveModel, OfflineReader, TopicGate
     from bot.scenarios import Scenario
     from bot.session import PracticeSession
 
@@ -162,8 +162,17 @@ def topic_gate(tmp_path_factory: pytest.TempPathFactory) -> TopicGate:
 
 
 @pytest.fixture(scope="session")
+def insight_model(tmp_path_factory: pytest.TempPathFactory) -> InsightModel:
+    """The real insight-or-selling classifier (bundled e5), trained once per session on the tune file."""
+    from bot.knowledge import bundled_embeddings
+    from bot.reading import load_or_train_insights
+
+    return load_or_train_insights(bundled_embeddings(), tmp_path_factory.mktemp("insight-store"))
+
+
+@pytest.fixture(scope="session")
 def card_reader(
-    offline_grader: OfflineGrader, move_model: MoveModel, topic_gate: TopicGate
+    offline_grader: OfflineGrader, move_model: MoveModel, topic_gate: TopicGate, insight_model: InsightModel
 ) -> Callable[[Scenario], OfflineReader]:
     """Factory: the real OfflineReader (bundled e5) for a card; its topic matcher is built once per card."""
     from bot.knowledge import bundled_embeddings
@@ -175,7 +184,7 @@ def card_reader(
     def make(card: Scenario) -> OfflineReader:
         if card.id not in built:
             built[card.id] = TopicMatcher(card, bundled_embeddings(), topic_gate)
-        return OfflineReader(card, offline_grader, move_model, built[card.id], proposals)
+        return OfflineReader(card, offline_grader, move_model, built[card.id], proposals, insight_model)
 
     return make
 
@@ -207,7 +216,8 @@ def practice(card_reader: Callable[[Scenario], OfflineReader]) -> Callable[..., 
 
 @pytest.fixture(scope="session")
 def grader_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models/ folder holding the trained offline grader, move model and topic gate, as spinbot stores them.
+    """A models/ folder holding the trained offline grader, move model, topic gate and insight model, as
+    spinbot stores them.
 
     Kept in pytest's cache between runs (keyed by the training fingerprint, so stale models are
     replaced); otherwise taken from the session's `offline_grader` instead of training a second time.
@@ -219,12 +229,13 @@ def grader_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
     cache = getattr(request.config, "cache", None)
     store = cache.mkdir("spinbot-grader-models") if cache is not None else tmp_path_factory.mktemp("grader-models")
-    from bot.reading import move_fingerprint, topic_fingerprint
+    from bot.reading import insight_fingerprint, move_fingerprint, topic_fingerprint
 
     stored = {
         f"offline-grader-{training_fingerprint(bundled_embeddings())}.joblib": ("offline-grader", "offline_grader"),
         f"move-model-{move_fingerprint(bundled_embeddings())}.joblib": ("move-model", "move_model"),
         f"topic-gate-{topic_fingerprint(bundled_embeddings())}.joblib": ("topic-gate", "topic_gate"),
+        f"insight-model-{insight_fingerprint(bundled_embeddings())}.joblib": ("insight-model", "insight_model"),
     }
     for name, (prefix, fixture) in stored.items():
         path = store / name

@@ -122,14 +122,6 @@ def test_implication_questions_point_at_the_consequence_they_aim_at(
     assert figures["aimed"] >= 150 and figures["right"] >= 0.80, figures
 
 
-@pytest.fixture(scope="module")
-def insight_model(tmp_path_factory: pytest.TempPathFactory) -> InsightModel:
-    from bot.knowledge import bundled_embeddings
-    from bot.reading import load_or_train_insights
-
-    return load_or_train_insights(bundled_embeddings(), tmp_path_factory.mktemp("insight-store"))
-
-
 def test_insight_and_advice_are_told_from_selling(insight_model: InsightModel) -> None:
     """Held-out statements by an author who never saw the tune file, hard ones included (product talk
     dressed as industry insight, "across our clients we see…" selling nothing); bars set from the
