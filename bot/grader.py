@@ -161,6 +161,11 @@ _SENTENCE = re.compile(r"(?:[^。！？!?；;\n.]|\.(?!\s))+(?:[。！？!?；;\
 _QUESTION_END = ("?", "？")
 
 
+def _embedded_context(context: str) -> str:
+    """The text embedded for the buyer's line (a placeholder when there is none)."""
+    return context or "(none)"
+
+
 def focus_question(utterance: str) -> str:
     """The part the buyer will answer: the last question (rules 1 and 2), else the last sentence."""
     sentences: list[str] = [s.strip() for s in _SENTENCE.findall(utterance) if s.strip()]
@@ -206,7 +211,7 @@ class OfflineModel:
         from scipy import sparse
 
         focus_vectors = np.asarray(self.embeddings.embed_documents(list(focus)), dtype=np.float32)
-        context_texts = [c or "(none)" for c in contexts]  # as in embedded_texts
+        context_texts = [_embedded_context(c) for c in contexts]
         context_vectors = np.asarray(self.embeddings.embed_documents(context_texts), dtype=np.float32)
         has_context = np.array([[1.0 if c else 0.0] for c in contexts], dtype=np.float32)
         context_vectors *= has_context * 0.5
@@ -233,7 +238,7 @@ class OfflineModel:
 
     def embedded_texts(self, utterance: str, context: str) -> list[str]:
         """What grading this line embeds: its focus question and the line it answers."""
-        return [focus_question(utterance), _strip_speaker(context) or "(none)"]
+        return [focus_question(utterance), _embedded_context(_strip_speaker(context))]
 
     def fit(self, items: Sequence[LabelledUtterance]) -> OfflineModel:
         features = self._features([i.utterance for i in items], [_strip_speaker(i.context) for i in items], True)

@@ -634,9 +634,12 @@ class TopicMatcher:
     def _embed(self, texts: Sequence[str]) -> Any:
         return np.asarray(self._embeddings.embed_documents(list(texts)), dtype=np.float32)
 
+    def _query(self, utterance: str) -> Any:
+        return self._embed([utterance.strip()])[0]
+
     def implication_scores(self, utterance: str, problem_id: str) -> list[float]:
         """How close the line is to each consequence of the problem (the nearer of its zh and en text)."""
-        query = np.asarray(self._embeddings.embed_documents([utterance.strip()])[0], dtype=np.float32)
+        query = self._query(utterance)
         return [float(v) for v in (self._implication_vectors[problem_id] @ query).max(axis=1)]
 
     def pointed_implication(self, utterance: str, problem_id: str) -> int | None:
@@ -650,7 +653,7 @@ class TopicMatcher:
         return None
 
     def scores(self, utterance: str) -> TopicScores:
-        query = np.asarray(self._embeddings.embed_documents([utterance.strip()])[0], dtype=np.float32)
+        query = self._query(utterance)
         similarity = self._topic_vectors @ query
         best: dict[str, float] = {}
         for owner, score in zip(self._owners, similarity, strict=True):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from bot import reading, scenarios
 from bot.config import Settings
-from bot.datasets import read_jsonl
-from bot.evaluation import ImplicationSample, pointing_figures
+from bot.datasets import ImplicationSample, read_jsonl
+from bot.evaluation import pointing_figures
 from bot.runtime import Runtime
 
 TUNE = Path(__file__).resolve().parents[1] / "evals" / "data" / "implications" / "implications-tune.jsonl"
