@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bot import prompts
 from bot.config import EVALS_DIR
 from bot.datasets import RepLine, read_jsonl
-from bot.grader import Label, OfflineGrader, files_fingerprint, load_training_set, stored_model
+from bot.grader import Label, OfflineGrader, files_fingerprint, focus_question, load_training_set, stored_model
 from bot.llm import ChatModel, EmbeddingModel, checked_json
 from bot.scenarios import Scenario, Text
 from bot.text import Language, defuse_tags, detect_language
@@ -130,6 +130,7 @@ class Reading:
     presumes: bool = False  # the line asserts a difficulty rather than asking about one
     implication: int | None = None  # for an Implication question: the consequence of the topic it points at
     insight: bool = False  # a statement offering insight about the buyer's business or advice, selling nothing
+    reasks: bool = False  # the question asks again for something the buyer may have told
 
     @property
     def graded(self) -> bool:
@@ -152,6 +153,7 @@ class Reading:
             "presumes": self.presumes,
             "implication": self.implication,
             "insight": self.insight,
+            "reasks": self.reasks,
         }
 
 
@@ -384,6 +386,22 @@ PRESUMING = re.compile(
 def presumes(utterance: str) -> bool:
     """The line takes a difficulty as given rather than asking whether there is one."""
     return PRESUMING.search(utterance) is not None
+
+
+# A question that asks again for what the buyer may have said ("what was the headcount again?",
+# "您现在是跟哪家合作的来着？"). Read on the focus question only, and "again" only where it ends
+# the question: "how long to get the line running again each time?" asks something new.
+REASKING = re.compile(
+    r"\bagain\W*$|\bdid you say\b|\bremind me\b|\bjust (?:to )?(?:confirm|check)(?:ing)?\b|\bdouble[- ]check"
+    r"|\bjust so I(?:'ve| have) got (?:it|that) right\b"
+    r"|来着|再确认|再问一[下遍句]|再说一[下遍]|您刚才说的是|你刚才说的是",
+    re.IGNORECASE,
+)
+
+
+def reasks(utterance: str) -> bool:
+    """The line asks again, in so many words, for something the buyer may already have told."""
+    return REASKING.search(focus_question(utterance).strip()) is not None
 FOCUS_MARGIN = 0.02
 
 
@@ -719,8 +737,14 @@ class OfflineReader:
             scores = self.topics.scores(utterance)
             # P, I and N questions are about a problem; a fact question may be about either ("how many
             # wrong shipments a month?" asks a number about a problem), so it is matched against all.
-            kind: Literal["fact", "problem"] | None = "problem" if grade.label in ("P", "I", "N") else None
-            topic = self.topics.match(utterance, focus, kind, scores)
+            # A question asked again ("what was the headcount again?") asks for what the buyer told,
+            # whatever it reads as: matched against the facts, and never a follow-up of the problem
+            # in focus.
+            asked_again = reasks(utterance)
+            kind: Literal["fact", "problem"] | None = (
+                "fact" if asked_again else "problem" if grade.label in ("P", "I", "N") else None
+            )
+            topic = self.topics.match(utterance, None if asked_again else focus, kind, scores)
             if topic is None and move in ("question", "summary") and grade.label in ("S", "O") and (
                 scores.about_the_buyer
             ):
@@ -732,7 +756,7 @@ class OfflineReader:
         insight = move in ("pitch", "summary") and self.insights is not None and self.insights.offers_insight(utterance)
         return Reading(
             grade.label, move, topic, grade.reason, grade.confidence, grade.better_question, self.name, proposal,
-            presumes(utterance), implication, insight,
+            presumes(utterance), implication, insight, reasks(utterance),
         )
 
     def read_move(self, utterance: str) -> Move:
@@ -831,7 +855,7 @@ class LLMReader:
         insight = reply.insight and move in ("pitch", "summary")
         return Reading(
             reply.label, move, chosen, reply.reason.strip(), None, better, self.name, proposal, presumes(utterance),
-            implication, insight,
+            implication, insight, reasks(utterance),
         )
 
     def _unknown_topic(self, reply: ReadingReply) -> str | None:

@@ -82,6 +82,7 @@ class CallState:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys("SPINO", 0))
     line_cursor: dict[str, int] = field(default_factory=dict)
     focus: str | None = None
+    asked: bool = False  # the buyer's last line asked the rep for something (his documents, proof, a price)
     outcome: Outcome | None = None
 
     @property
@@ -119,13 +120,24 @@ def unfinished_outcome(state: CallState) -> Outcome:
 
 
 def start(card: Scenario) -> CallState:
-    return CallState(scenario_id=card.id, difficulty=card.difficulty, trust=RULES[card.difficulty].start_trust)
+    return CallState(scenario_id=card.id, difficulty=card.difficulty, trust=RULES[card.difficulty].start_trust,
+                     asked=_asks(card.opening.en))
+
+
+# Lines after which a statement from the rep answers the buyer rather than pitching at him: the opening
+# ("did you bring your certification documents?") and his questions once a benefit lands ("got
+# numbers?"). Not an objection or scepticism: more features there is the feature dump itself.
+ANSWERABLE: frozenset[ReactionKind] = frozenset({"benefit"})
+
+
+def _asks(line: str) -> bool:
+    return line.rstrip().endswith(("?", "？"))
 
 
 ReactionKind = Literal[
     "fact", "implied", "implication", "explicit", "objection", "benefit", "sceptical", "advance", "order",
     "continuation", "no_sale", "pushback", "walk_out", "rapport", "greeting", "vague", "nothing_more",
-    "impatient", "premature_payoff", "not_yet", "deflect", "ack", "insight", "insight_unwanted",
+    "impatient", "premature_payoff", "not_yet", "deflect", "ack", "insight", "insight_unwanted", "answered",
 ]
 REACTION_KINDS: tuple[ReactionKind, ...] = get_args(ReactionKind)
 
@@ -173,6 +185,7 @@ class _ReactionTable(TypedDict):
     ack: ReactionSpec
     insight: ReactionSpec
     insight_unwanted: ReactionSpec
+    answered: ReactionSpec
 
 
 REACTIONS: _ReactionTable = {
@@ -243,6 +256,9 @@ REACTIONS: _ReactionTable = {
         Text(zh="试图打破角色扮演。", en="The line tried to break the role-play."),
     ),
     "ack": ReactionSpec("ack", "acknowledge briefly."),
+    "answered": ReactionSpec(
+        "ack", "the rep gave you what you asked for: take it, say briefly what you make of it, and go on.",
+    ),
     "insight": ReactionSpec(
         "insight", "the rep offered insight about your business or advice on the decision, not a pitch: "
         "engage with it briefly and say what you make of it, revealing nothing you have not told.",
@@ -288,6 +304,7 @@ def step(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState,
         questions=state.questions + (1 if asking else 0),
     )
     state, reaction = _react(card, state, reading)
+    state = replace(state, asked=False)  # what he asks next is set when he speaks (`speak`)
     if not state.ended and state.trust < WALK_OUT_TRUST:
         return replace(state, outcome="No-sale"), Reaction("walk_out")
     return state, reaction
@@ -308,6 +325,9 @@ def _react(card: Scenario, state: CallState, reading: Reading) -> tuple[CallStat
         return _insight(card, state)
     if reading.move == "pitch":
         return _pitch(card, state, reading)
+    if reading.reasks and reading.topic in state.facts and reading.move in ("question", "summary"):
+        # "Sorry, what was the headcount again?": he told it already, whatever the line reads as.
+        return _repeat(state, reading.topic)
     if reading.move in ("rapport", "greeting") or label == "O":
         # Rule 7: a rapport question is O even when it asks for a fact; the buyer hears small talk.
         return _other(card, state, reading)
@@ -437,6 +457,9 @@ def _pitch(card: Scenario, state: CallState, reading: Reading) -> tuple[CallStat
     need = reading.topic if topic_kind(card, reading.topic) == "problem" else None
     if need is not None and need in state.explicit:
         return _apply(state, Reaction("benefit", topic=need))
+    if state.asked:
+        # He asked for it (his documents, proof, a price): handing it over answers him.
+        return _apply(state, Reaction("answered", topic=need))
     if not state.explicit or (need is not None and need in state.implied):
         state = replace(state, objections=state.objections + 1, premature_pitches=state.premature_pitches + 1)
         objection = card.objections[(state.objections - 1) % len(card.objections)]
@@ -474,6 +497,9 @@ def _commitment(card: Scenario, state: CallState, reading: Reading, rules: Rules
     """An Advance needs a concrete action, enough explicit needs and enough trust; a proposal that
     costs the buyer nothing ends the call as a Continuation at best; an early close draws pushback."""
     if reading.proposal != "concrete":
+        if not state.explicit and state.pushbacks < PUSHBACK_MAX:
+            # Too early for anything: he says so, and the rep can still find a need.
+            return _apply(replace(state, pushbacks=state.pushbacks + 1), Reaction("pushback"))
         return _close(card, state)
     if len(state.explicit) >= card.advance.requires_explicit_needs and state.trust >= rules.problem_trust:
         if card.advance.order is not None:
@@ -499,11 +525,12 @@ def speak(card: Scenario, state: CallState, reaction: Reaction, language: Langua
     Variants rotate per kind, so the buyer never says the same stock line twice in a row.
     """
     if reaction.disclosure is not None:
-        return state, reaction.disclosure(language)
+        return replace(state, asked=False), reaction.disclosure(language)
     key = REACTIONS[reaction.kind].line
     if key is None:
         raise ValueError(f"a '{reaction.kind}' reaction needs the card text it discloses")
     variants = card.lines[key]
     cursor = state.line_cursor.get(key, 0)
     text = variants[cursor % len(variants)](language)
-    return replace(state, line_cursor={**state.line_cursor, key: cursor + 1}), text
+    asked = reaction.kind in ANSWERABLE and _asks(text)
+    return replace(state, line_cursor={**state.line_cursor, key: cursor + 1}, asked=asked), text

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from bot import scenarios
 from bot.cli import app
 from bot.llm import OpenAIChatModel
-from bot.reading import MOVE_GUIDE, MOVE_NAMES, MOVES, LLMReader, MemoEmbeddings, OfflineReader, Reading
+from bot.reading import MOVE_GUIDE, MOVE_NAMES, MOVES, LLMReader, MemoEmbeddings, OfflineReader, Reading, reasks
 from bot.scenarios import Scenario
 from bot.testing import FakeEmbeddingModel, FakeOpenAIServer
 
@@ -275,3 +275,28 @@ def test_commitments_are_read_by_what_they_ask_of_the_buyer() -> None:
         subset = [r for r in rows if r["lang"] == lang]
         right = sum(bank.read(r["utterance"]) == r["proposal"] for r in subset)
         assert right / len(subset) >= 0.85, (lang, right, len(subset))
+
+
+@pytest.mark.parametrize(("line", "asked_again"), [
+    ("Sorry, what was the headcount again?", True),
+    ("Which system did you say you use?", True),
+    ("Just to confirm, how many sites is that?", True),
+    ("不好意思，再确认一下，你们现在用的是哪家的系统？", True),
+    ("一年用量是多少吨来着？", True),
+    ("How many people work here?", False),
+    # "again" inside the question asks something new; a recalled problem is an Implication question.
+    ("How long does it take to get the line running again after a stop?", False),
+    ("You said the pickers walk a lot. What does that cost you in overtime?", False),
+    ("你们现在一共几个仓？", False),
+])
+def test_a_question_asked_again_is_told_from_one_asked_first(line: str, asked_again: bool) -> None:
+    assert reasks(line) is asked_again
+
+
+def test_a_question_asked_again_is_matched_to_the_facts_not_to_the_problem_in_focus(
+    card_reader: Callable[[Scenario], OfflineReader],
+) -> None:
+    reader = card_reader(scenarios.get(WAREHOUSE))
+    first = reader.read("一天的订单量大概有多少？")
+    again = reader.read("再确认一下，你们一天大概多少单来着？", "", "walking")
+    assert first.topic == again.topic == "volume" and again.reasks and not first.reasks

@@ -27,6 +27,7 @@ from bot.roleplay import (
     SMALL_TALK_COST,
     WALK_OUT_TRUST,
     CallState,
+    Reaction,
 )
 from bot.scenarios import Scenario
 from bot.session import PracticeSession, TurnResult
@@ -47,10 +48,11 @@ def reading(
     proposal: Proposal | None = None,
     implication: int | None = None,
     insight: bool = False,
+    reasks: bool = False,
 ) -> Reading:
     """A reading of a line with this label and move about `fact` or `problem` (or no topic)."""
     return Reading(label, "injection" if injection else move, fact or problem, "test", proposal=proposal,
-                   implication=implication, insight=insight)
+                   implication=implication, insight=insight, reasks=reasks)
 
 
 def trust_of(kind: roleplay.ReactionKind) -> float:
@@ -291,11 +293,10 @@ def test_a_pitch_is_a_benefit_only_for_a_need_the_buyer_stated(card: Scenario) -
         (2, "explicit:2", "weak", "Continuation"),
         (2, "explicit:1", "weak", "Continuation"),
         (1, "explicit:1", "concrete", "Advance"),
-        (2, "implied", "weak", "Continuation"),
-        (2, "implied+pitch", "weak", "No-sale"),
-        (2, "nothing", "weak", "No-sale"),
         (2, "explicit:1", "concrete", None),  # too early: pushback, the call goes on
         (2, "nothing", "concrete", None),
+        (2, "implied", "weak", None),  # before any explicit need even a brochure is too early
+        (2, "nothing", "weak", None),
     ],
 )
 def test_commitment_is_judged_by_the_action_proposed(
@@ -326,13 +327,33 @@ def test_a_commitment_labelled_need_payoff_is_still_a_close(card: Scenario) -> N
     assert reaction.kind == "advance" and state.outcome == "Advance"
 
 
-def test_repeated_early_closes_end_the_meeting(card: Scenario) -> None:
+@pytest.mark.parametrize(
+    ("setup", "proposal", "outcome"),
+    [("nothing", "concrete", "No-sale"), ("nothing", "weak", "No-sale"), ("implied", "weak", "Continuation"),
+     ("implied+pitch", "weak", "No-sale")],
+)
+def test_repeated_early_closes_end_the_meeting(card: Scenario, setup: str, proposal: Proposal, outcome: str) -> None:
     state = roleplay.start(card)
+    if setup.startswith("implied"):
+        state, _ = roleplay.step(card, state, reading("P", problem="walking"))
+        if setup.endswith("pitch"):
+            state, _ = roleplay.step(card, state, reading("O", "pitch"))
     for n in range(1, PUSHBACK_MAX + 1):
-        state, reaction = roleplay.step(card, state, reading("O", "commitment", proposal="concrete"))
+        state, reaction = roleplay.step(card, state, reading("O", "commitment", proposal=proposal))
         assert reaction.kind == "pushback" and not state.ended, n
-    state, reaction = roleplay.step(card, state, reading("O", "commitment", proposal="concrete"))
-    assert state.ended and state.outcome == "No-sale"
+    state, reaction = roleplay.step(card, state, reading("O", "commitment", proposal=proposal))
+    assert state.ended and state.outcome == outcome
+
+
+@pytest.mark.parametrize("label", ["S", "P", "I", "O"])
+def test_a_fact_asked_again_is_a_repeat_whatever_its_label(card: Scenario, label: Label) -> None:
+    state, _ = roleplay.step(card, roleplay.start(card), reading("S", fact="scale"))
+    before = state.trust
+    state, reaction = roleplay.step(card, state, reading(label, fact="scale", reasks=True))
+    assert reaction.kind == "nothing_more" and state.repeats == 1 and state.trust < before
+    # Asked again before he ever told it, the question is simply a question.
+    state, reaction = roleplay.step(card, state, reading("S", fact="system", reasks=True))
+    assert reaction.kind == "fact" and state.repeats == 1
 
 
 def test_a_transactional_card_ends_in_an_order() -> None:
@@ -349,7 +370,8 @@ def test_a_transactional_card_ends_in_an_order() -> None:
 def test_no_need_buyer_with_only_implied_needs_says_no(card: Scenario) -> None:
     card = card.model_copy(update={"need_state": "no_need"})
     state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="walking"))
-    state, _ = roleplay.step(card, state, reading("O", "commitment"))
+    for _ in range(PUSHBACK_MAX + 1):
+        state, _ = roleplay.step(card, state, reading("O", "commitment"))
     assert state.outcome == "No-sale"
 
 
@@ -408,7 +430,8 @@ def test_ungraded_utterance_unlocks_nothing(card: Scenario) -> None:
 
 
 def test_an_ended_call_raises(card: Scenario) -> None:
-    state, _ = roleplay.step(card, roleplay.start(card), reading("O", "commitment"))
+    state = develop(card, roleplay.start(card), "walking")
+    state, _ = roleplay.step(card, state, reading("O", "commitment"))  # a weak close: a Continuation
     assert state.ended
     with pytest.raises(ValueError, match="ended"):
         roleplay.step(card, state, reading("P", problem="walking"))
@@ -629,6 +652,10 @@ def test_pitch_before_an_explicit_need_draws_an_objection_in_a_call(
     card, script = session.card, SCRIPTS[card_id]
     say = player(session)
     warm_up(say, script)
+    if session.state.asked:
+        # The opening asked for something (the hospital's certification documents): the first
+        # statement hands it over; the next one is the pitch.
+        assert say(script.pitch, "O").reaction.kind == "answered"
     trust = session.state.trust
     result = say(script.pitch, "O")
     assert result.reaction.kind == "objection" and result.buyer == card.objections[0].zh
@@ -803,3 +830,30 @@ def test_insight_is_judged_by_the_buyers_value_type(card_id: str) -> None:
         assert trusts[0] < trusts[1] < trusts[2] and trusts[3] < trusts[2]  # a third is a lecture
     state, reaction = roleplay.step(card, state, reading("O", "pitch"))
     assert reaction.kind == "objection"
+
+
+def test_what_the_buyer_asked_for_is_an_answer_not_a_pitch() -> None:
+    card = scenarios.get("hospital-intrinsic-01")  # the opening asks for the certification documents
+    state = roleplay.start(card)
+    assert state.asked
+    trust = state.trust
+    state, reaction = roleplay.step(card, state, reading("O", "pitch"))
+    assert reaction.kind == "answered" and state.objections == 0 and state.trust == trust and not state.asked
+    # Unasked, the same statement is a pitch before any need.
+    state, reaction = roleplay.step(card, state, reading("O", "pitch"))
+    assert reaction.kind == "objection" and state.objections == 1
+
+
+def test_a_benefit_question_from_the_buyer_is_answered_and_an_objection_is_not(card: Scenario) -> None:
+    state = develop(card, roleplay.start(card), "pick-errors")
+    state, reaction = roleplay.step(card, state, reading("O", "pitch", problem="pick-errors"))
+    assert reaction.kind == "benefit"
+    asking = next(i for i, line in enumerate(card.lines["benefit"]) if line.en.rstrip().endswith("?"))
+    state = replace(state, line_cursor={**state.line_cursor, "benefit": asking})
+    state, _ = roleplay.speak(card, state, reaction, "en")
+    assert state.asked
+    state, reaction = roleplay.step(card, state, reading("O", "pitch"))  # "we did it at X: errors fell 80%"
+    assert reaction.kind == "answered"
+    objection = Reaction("objection", card.objections[0])
+    state, _ = roleplay.speak(card, state, objection, "en")
+    assert not state.asked
