@@ -189,6 +189,7 @@ class MemoEmbeddings:
         self.name = inner.name
         self._size = size
         self._cache: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self._pending: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     def _get(self, kind: str, text: str) -> list[float] | None:
@@ -216,12 +217,38 @@ class MemoEmbeddings:
     def embed_documents(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        found = {t: v for t in texts if (v := self._get("passage", t)) is not None}
-        missing = list(dict.fromkeys(t for t in texts if t not in found))
-        if missing:
-            for text, vector in zip(missing, self._inner.embed_documents(missing), strict=True):
-                found[text] = vector
+        found: dict[str, list[float]] = {}
+        mine: list[str] = []
+        theirs: list[tuple[str, threading.Event]] = []
+        with self._lock:
+            for text in dict.fromkeys(texts):
+                vector = self._cache.get(("passage", text))
+                if vector is not None:
+                    self._cache.move_to_end(("passage", text))
+                    found[text] = vector
+                elif text in self._pending:
+                    # Being embedded by another thread (the buyer's line, prepared while the rep typed):
+                    # wait for it rather than embed it twice at once.
+                    theirs.append((text, self._pending[text]))
+                else:
+                    self._pending[text] = threading.Event()
+                    mine.append(text)
+        try:
+            if mine:
+                for text, vector in zip(mine, self._inner.embed_documents(mine), strict=True):
+                    found[text] = vector
+                    self._put("passage", text, vector)
+        finally:
+            with self._lock:
+                for text in mine:
+                    self._pending.pop(text).set()
+        for text, done in theirs:
+            done.wait()
+            vector = self._get("passage", text)
+            if vector is None:  # that call failed, or the memo has dropped it since
+                vector = self._inner.embed_documents([text])[0]
                 self._put("passage", text, vector)
+            found[text] = vector
         return [found[t] for t in texts]
 
     def embed_query(self, text: str) -> list[float]:

@@ -14,7 +14,7 @@ from bot.cli import app
 from bot.llm import OpenAIChatModel
 from bot.reading import MOVE_GUIDE, MOVE_NAMES, MOVES, LLMReader, MemoEmbeddings, OfflineReader, Reading, reasks
 from bot.scenarios import Scenario
-from bot.testing import FakeEmbeddingModel, FakeOpenAIServer
+from bot.testing import FakeEmbeddingModel, FakeOpenAIServer, hash_embedding
 
 WAREHOUSE = "warehouse-extrinsic-01"
 
@@ -138,6 +138,32 @@ def test_warm_embeds_the_missing_texts_in_one_call_and_hands_them_on() -> None:
     assert list(map(tuple, inner.calls)) == [("known",), ("line", "its question")]
     assert memo.embed_documents(["line", "its question"]) == inner.embed_documents(["line", "its question"])
     assert len(inner.calls) == 3  # the last call is ours, not the memo's
+
+
+def test_a_text_being_embedded_elsewhere_is_waited_for_not_embedded_twice() -> None:
+    import threading
+
+    inner = FakeEmbeddingModel()
+    started, release = threading.Event(), threading.Event()
+    original = inner.embed_documents
+
+    def slow(texts: list[str]) -> list[list[float]]:
+        if texts == ["buyer line"]:
+            started.set()
+            release.wait(5)
+        return original(texts)
+
+    inner.embed_documents = slow  # type: ignore[method-assign]
+    memo = MemoEmbeddings(inner)
+    prepared = threading.Thread(target=memo.warm, args=(["buyer line"],))
+    prepared.start()
+    assert started.wait(5)
+    threading.Timer(0.2, release.set).start()
+    vectors = memo.embed_documents(["rep line", "buyer line"])  # the rep answers before it is done
+    prepared.join()
+    # Each text embedded once: the rep's line by this call, the buyer's by the one already under way.
+    assert sorted(map(tuple, inner.calls)) == [("buyer line",), ("rep line",)]
+    assert vectors == [hash_embedding("rep line", inner.dim), hash_embedding("buyer line", inner.dim)]
 
 
 def test_bundled_embeddings_agree_when_called_from_several_threads() -> None:
