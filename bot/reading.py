@@ -756,6 +756,7 @@ class OfflineReader:
         grade = self.grader.grade(utterance, context)
         move = self.read_move(utterance)
         topic = None
+        asked_again = reasks(utterance)
         proposal = self.proposals.read(utterance) if move == "commitment" else None
         if move == "pitch":
             # A pitch is judged by the need it answers: one the buyer stated, or none of his.
@@ -767,7 +768,6 @@ class OfflineReader:
             # A question asked again ("what was the headcount again?") asks for what the buyer told,
             # whatever it reads as: matched against the facts, and never a follow-up of the problem
             # in focus.
-            asked_again = reasks(utterance)
             kind: Literal["fact", "problem"] | None = (
                 "fact" if asked_again else "problem" if grade.label in ("P", "I", "N") else None
             )
@@ -783,7 +783,7 @@ class OfflineReader:
         insight = move in ("pitch", "summary") and self.insights is not None and self.insights.offers_insight(utterance)
         return Reading(
             grade.label, move, topic, grade.reason, grade.confidence, grade.better_question, self.name, proposal,
-            presumes(utterance), implication, insight, reasks(utterance),
+            presumes(utterance), implication, insight, asked_again,
         )
 
     def read_move(self, utterance: str) -> Move:

@@ -496,18 +496,18 @@ def _other(card: Scenario, state: CallState, reading: Reading) -> tuple[CallStat
 def _commitment(card: Scenario, state: CallState, reading: Reading, rules: Rules) -> tuple[CallState, Reaction]:
     """An Advance needs a concrete action, enough explicit needs and enough trust; a proposal that
     costs the buyer nothing ends the call as a Continuation at best; an early close draws pushback."""
-    if reading.proposal != "concrete":
-        if not state.explicit and state.pushbacks < PUSHBACK_MAX:
-            # Too early for anything: he says so, and the rep can still find a need.
-            return _apply(replace(state, pushbacks=state.pushbacks + 1), Reaction("pushback"))
-        return _close(card, state)
-    if len(state.explicit) >= card.advance.requires_explicit_needs and state.trust >= rules.problem_trust:
+    concrete = reading.proposal == "concrete"
+    if concrete and len(state.explicit) >= card.advance.requires_explicit_needs and (
+        state.trust >= rules.problem_trust
+    ):
         if card.advance.order is not None:
             return replace(state, outcome="Order"), Reaction("order", card.advance.order)
         return replace(state, outcome="Advance"), Reaction("advance", card.advance.yes)
-    if state.pushbacks >= PUSHBACK_MAX:
-        return _close(card, state)
-    return _apply(replace(state, pushbacks=state.pushbacks + 1), Reaction("pushback"))
+    # Too early: a concrete step before enough needs, or anything at all before the first one. He says
+    # so and the rep can still find a need, until he has sat through PUSHBACK_MAX of them.
+    if (concrete or not state.explicit) and state.pushbacks < PUSHBACK_MAX:
+        return _apply(replace(state, pushbacks=state.pushbacks + 1), Reaction("pushback"))
+    return _close(card, state)
 
 
 def _close(card: Scenario, state: CallState) -> tuple[CallState, Reaction]:
@@ -525,7 +525,7 @@ def speak(card: Scenario, state: CallState, reaction: Reaction, language: Langua
     Variants rotate per kind, so the buyer never says the same stock line twice in a row.
     """
     if reaction.disclosure is not None:
-        return replace(state, asked=False), reaction.disclosure(language)
+        return state, reaction.disclosure(language)
     key = REACTIONS[reaction.kind].line
     if key is None:
         raise ValueError(f"a '{reaction.kind}' reaction needs the card text it discloses")
