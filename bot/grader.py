@@ -33,8 +33,12 @@ TRAIN_GLOB = "spin-train-*.jsonl"
 EXTERNAL_TRAIN_GLOB = "external/train-*.jsonl"
 TRAIN_DIR = EVALS_DIR / "data"
 # Bump when features or model change, so stored models are retrained.
-MODEL_VERSION = "5"
+MODEL_VERSION = "6"
 SEED = 13
+# How much the buyer's previous line counts beside the rep's own words. At full weight a problem-heavy
+# buyer line pulled plain fact and difficulty questions to I ("how many days a year do they run?" after
+# a line about power bills); chosen on a context-adversarial set written for it (evals/README.md).
+CONTEXT_WEIGHT = 0.25
 
 LABEL_NAMES: dict[Language, dict[Label, str]] = {
     "zh": {"S": "背景问题", "P": "难点问题", "I": "暗示问题", "N": "需求-效益问题", "O": "其他"},
@@ -193,11 +197,12 @@ class OfflineModel:
     """Character and word n-grams of the focus question, e5 embeddings of it and of the context,
     fed to a logistic regression."""
 
-    def __init__(self, embeddings: EmbeddingModel, c: float = 8.0) -> None:
+    def __init__(self, embeddings: EmbeddingModel, c: float = 8.0, context_weight: float = CONTEXT_WEIGHT) -> None:
         from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
         self.embeddings = embeddings
+        self.context_weight = context_weight
         # Chosen by 5-fold CV on the training set (evals/README.md): plain char 1-5 grams beat
         # char_wb 1-4, and word trigrams catch English frames like "what would it".
         self.char = TfidfVectorizer(analyzer="char", ngram_range=(1, 5), sublinear_tf=True, max_df=0.9)
@@ -214,7 +219,7 @@ class OfflineModel:
         context_texts = [_embedded_context(c) for c in contexts]
         context_vectors = np.asarray(self.embeddings.embed_documents(context_texts), dtype=np.float32)
         has_context = np.array([[1.0 if c else 0.0] for c in contexts], dtype=np.float32)
-        context_vectors *= has_context * 0.5
+        context_vectors *= has_context * (0.5 * self.context_weight)
         marks = np.array([[min(question_count(u), 3) / 3.0] for u in focus], dtype=np.float32)
         return sparse.csr_matrix(np.hstack([focus_vectors * 2.0, context_vectors, marks]))
 
@@ -226,13 +231,13 @@ class OfflineModel:
             blocks = [
                 self.char.fit_transform(focus),
                 self.words.fit_transform(focus),
-                self.context_char.fit_transform(contexts) * 0.3,
+                self.context_char.fit_transform(contexts) * (0.3 * self.context_weight),
             ]
         else:
             blocks = [
                 self.char.transform(focus),
                 self.words.transform(focus),
-                self.context_char.transform(contexts) * 0.3,
+                self.context_char.transform(contexts) * (0.3 * self.context_weight),
             ]
         return sparse.hstack([*blocks, self._dense(focus, contexts)]).tocsr()
 

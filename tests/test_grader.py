@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DEV = REPO.parent / "shared" / "data" / "spin-dev.jsonl"
 HARD_CASES = sorted((REPO / "evals" / "data").glob("hard-cases-*.jsonl"))
 EXTERNAL_TEST = sorted((REPO / "evals" / "data" / "external").glob("test-*.jsonl"))
+CONTEXT_TUNE = REPO / "evals" / "data" / "context" / "context-weight-tune.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -183,7 +184,9 @@ def test_dev_set_never_leaks_into_training() -> None:
     training = {norm(i.utterance) for i in load_training_set(TRAIN_DIR)}
     held_out = {norm(i.utterance) for p in HARD_CASES for i in read_jsonl(p, LabelledUtterance)}
     external = {norm(i.utterance) for p in EXTERNAL_TEST for i in read_jsonl(p, LabelledUtterance)}
+    context_tune = {norm(i.utterance) for i in read_jsonl(CONTEXT_TUNE, LabelledUtterance)}
     assert EXTERNAL_TEST and not dev & training
+    assert len(context_tune) == 200 and not context_tune & training, "the context-weight tune file is for tuning"
     assert not held_out & training
     assert not external & training, "a held-out external question is in the training data"
 
