@@ -413,9 +413,9 @@ def _implication(card: Scenario, state: CallState, reading: Reading, rules: Rule
         if problem_id in state.credited and state.trust >= rules.problem_trust:
             # Asked about this difficulty before and pressed again with trust earned: he admits it.
             return _problem(card, state, reading, rules)
-        # The consequence of a problem he has not admitted unlocks nothing; it shows where the rep is
-        # heading, though, as a problem question would.
-        return _credit(state, problem_id, Reaction("not_yet", topic=problem_id))
+        # The consequence of a problem he has not admitted is a guess: it unlocks nothing and earns no
+        # credit (a rep who skips the problem question has not shown he knows the trade).
+        return _apply(state, Reaction("not_yet", topic=problem_id), 0.0)
     if state.trust < rules.problem_trust:
         return _apply(state, Reaction("not_yet", topic=problem_id))
     shown = state.implications.get(problem_id, ())

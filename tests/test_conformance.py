@@ -25,12 +25,15 @@ from bot.text import Language
 SCRIPTS = {s.card: s for s in conformance.load_scripts()}
 # (card, archetype, language): why the call does not behave yet. Each is a misreading, not a rule.
 _REPEAT = "a re-asked fact question with no asking-again words is misread (labelled I, or given another topic)"
-_GUESS = "a guessed consequence with no presuming word ('must', '肯定') is heard as a second question on the problem"
+_GUESS = "a guessed consequence asked yes/no ('has the brand already taken a hit?') is read as P and admits the problem"
 _THREE_NEEDS = "three explicit needs: Problem questions read as I or S leave two problems undeveloped"
+# Implications asked before the problem is admitted are guesses and unlock nothing, so a misread
+# Problem question leaves its problem closed for the rest of the call.
+_PROBE = "the Problem question opening a problem is misread ({}), so the implications after it are guesses"
 KNOWN_MISSES: dict[tuple[str, Archetype, Language], str] = {
-    ("auto-dealer-strategic-01", "guessed_implications", "zh"): _GUESS,
-    ("farm-irrigation-intrinsic-01", "guessed_implications", "zh"): _GUESS,
-    ("farm-irrigation-intrinsic-01", "guessed_implications", "en"): _GUESS,
+    ("auto-dealer-strategic-01", "skilled", "zh"): _PROBE.format("'集团这边能看到全貌吗？' as O"),
+    ("auto-dealer-strategic-01", "skilled", "en"): _PROBE.format("'how well do you hold on to those customers' as N"),
+    ("compressor-intrinsic-01", "skilled", "zh"): _PROBE.format("'电费这块…心疼不心疼' matched to overheating"),
     ("food-packaging-intrinsic-01", "repeats", "zh"): _REPEAT,
     ("pharma-strategic-01", "skilled", "zh"): _THREE_NEEDS,
     ("pharma-strategic-01", "skilled", "en"): _THREE_NEEDS,

@@ -167,13 +167,26 @@ def test_problem_reveals_the_implied_need_once(card: Scenario) -> None:
     assert reaction.kind == "vague"
 
 
-def test_implication_before_its_problem_unlocks_nothing(card: Scenario) -> None:
+def test_implication_before_its_problem_unlocks_nothing_and_earns_nothing(card: Scenario) -> None:
     state = roleplay.start(card)
     state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
     assert reaction.kind == "not_yet" and unlocked(state) == ((), (), {}, ())
-    # Another problem revealed does not open this one's consequences either; pressed a second time,
-    # with trust earned, he admits the problem itself, and still no consequence.
+    assert state.trust == roleplay.start(card).trust  # a guess at consequences shows no competence
+    # Another problem revealed does not open this one, and guessing again, trust or not, still does not.
     state, _ = roleplay.step(card, state, reading("P", problem="walking"))
+    trust = state.trust
+    for _ in range(2):
+        state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
+        assert reaction.kind == "not_yet" and state.implied == ("walking",) and state.trust == trust
+
+
+def test_implication_after_a_turned_down_problem_question_admits_the_problem(card: Scenario) -> None:
+    card = with_difficulty(card, "hard")
+    state, reaction = roleplay.step(card, roleplay.start(card), reading("P", problem="pick-errors"))
+    assert reaction.kind == "not_yet"  # asked before he trusts the rep
+    state, _ = roleplay.step(card, state, reading("P", problem="walking"))
+    assert state.trust >= RULES["hard"].problem_trust
+    # Pressed on its consequences once trust is earned, he admits the problem, and no consequence yet.
     state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
     assert reaction.kind == "implied" and state.implications == {} and "pick-errors" in state.implied
 
