@@ -137,7 +137,8 @@ def _asks(line: str) -> bool:
 ReactionKind = Literal[
     "fact", "implied", "implication", "explicit", "objection", "benefit", "sceptical", "advance", "order",
     "continuation", "no_sale", "pushback", "walk_out", "rapport", "greeting", "vague", "nothing_more",
-    "impatient", "premature_payoff", "not_yet", "deflect", "ack", "insight", "insight_unwanted", "answered",
+    "impatient", "premature_payoff", "unfelt", "not_yet", "deflect", "ack", "insight", "insight_unwanted",
+    "answered",
 ]
 REACTION_KINDS: tuple[ReactionKind, ...] = get_args(ReactionKind)
 
@@ -180,6 +181,7 @@ class _ReactionTable(TypedDict):
     nothing_more: ReactionSpec
     impatient: ReactionSpec
     premature_payoff: ReactionSpec
+    unfelt: ReactionSpec
     not_yet: ReactionSpec
     deflect: ReactionSpec
     ack: ReactionSpec
@@ -245,6 +247,13 @@ REACTIONS: _ReactionTable = {
         "premature_payoff", "say you don't see a problem that needs solving.", -0.04, 4,
         Text(zh="客户还没承认任何难点，就谈解决方案的价值。",
              en="You talked about the value of a solution before the buyer admitted any problem."),
+    ),
+    "unfelt": ReactionSpec(
+        "unfelt", "you admitted this difficulty, but nobody has asked what it costs you: agree a solution "
+        "would be nice, without enthusiasm, and do not say it is worth much.", 0.0, 3,
+        Text(zh="客户承认了难点，但你还没问它带来的后果就谈解决的价值，他觉得不值多少。",
+             en="You asked what solving a problem was worth before exploring what it cost him, so it seemed "
+             "worth little."),
     ),
     "not_yet": ReactionSpec(
         "not_yet", "downplay it; do not admit any problem yet.", 0.0, 3,
@@ -442,11 +451,11 @@ def _need_payoff(card: Scenario, state: CallState, reading: Reading, rules: Rule
         return _apply(state, Reaction("vague"))
     if problem_id in state.explicit:
         return _apply(state, Reaction("nothing_more", topic=problem_id))
-    if problem_id not in state.implied or not state.implications.get(problem_id) or (
-        state.trust < rules.problem_trust
-    ):
-        # The value of a solution means nothing until the buyer has felt the problem's cost.
+    if problem_id not in state.implied or state.trust < rules.problem_trust:
         return _apply(state, Reaction("not_yet", topic=problem_id))
+    if not state.implications.get(problem_id):
+        # Admitted but not yet felt: a solution to a nuisance is worth little (he does not deny it, though).
+        return _apply(state, Reaction("unfelt", topic=problem_id))
     problem = card.problem(problem_id)
     state = replace(state, explicit=(*state.explicit, problem_id), focus=problem_id)
     return _apply(state, Reaction("explicit", problem.need_payoff, (f"explicit:{problem_id}",), problem_id))

@@ -20,7 +20,7 @@ Difficulty = Literal["easy", "normal", "hard"]
 DecisionRole = Literal["economic_buyer", "decision_maker", "influencer", "user", "gatekeeper"]
 # The buyer's stock lines, by situation: a card words each one its own way (at least one variant).
 LineKey = Literal[
-    "greeting", "rapport", "vague", "nothing_more", "impatient", "premature_payoff", "not_yet",
+    "greeting", "rapport", "vague", "nothing_more", "impatient", "premature_payoff", "unfelt", "not_yet",
     "sceptical", "insight", "benefit", "pushback", "walk_out", "deflect", "ack",
 ]
 LINE_KEYS: tuple[LineKey, ...] = get_args(LineKey)

@@ -244,8 +244,8 @@ def test_need_payoff_before_any_problem_unlocks_nothing(card: Scenario) -> None:
 def test_need_payoff_needs_the_problem_and_an_implication(card: Scenario) -> None:
     state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="pick-errors"))
     state, reaction = roleplay.step(card, state, reading("N", problem="pick-errors"))
-    # He has admitted the problem, so he does not deny it: he plays down its value.
-    assert reaction.kind == "not_yet" and state.explicit == ()
+    # He has admitted the problem, so he does not deny it: unfelt, its solution seems worth little.
+    assert reaction.kind == "unfelt" and state.explicit == () and state.implied == ("pick-errors",)
     state, reaction = roleplay.step(card, state, reading("N", problem="walking"))  # never admitted
     assert reaction.kind == "not_yet" and state.explicit == ()
     state, _ = roleplay.step(card, state, reading("I", problem="pick-errors"))

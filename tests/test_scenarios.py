@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,18 @@ def test_builtin_card_is_playable(card: scenarios.Scenario) -> None:
         assert problem.implications and problem.need_payoff.zh and problem.need_payoff.en
     # Bilingual throughout: the two languages differ (nothing left untranslated).
     assert card.title.zh != card.title.en and card.opening.zh != card.opening.en
+
+
+# Any close asked too early draws a pushback line, a site visit as much as an order: none names one.
+_NAMED_COMMITMENT = re.compile(
+    r"\bsign|contract|\border|\bquote|pilot|trial|board|签|合同|下单|报价|试点|试运行|董事会", re.IGNORECASE
+)
+
+
+@pytest.mark.parametrize("card", scenarios.builtin(), ids=lambda c: c.id)
+def test_pushback_lines_fit_any_early_close(card: scenarios.Scenario) -> None:
+    named = [t for line in card.lines["pushback"] for t in (line.zh, line.en) if _NAMED_COMMITMENT.search(t)]
+    assert named == []
 
 
 def test_unknown_scenario_lists_the_ids() -> None:
