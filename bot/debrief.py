@@ -182,6 +182,13 @@ def _ending(
     elif last in ("continuation", "no_sale") and "pushback" in kinds:
         reasons.append(Text(zh="多次过早请求承诺，客户结束了会面。",
                             en="You kept asking for commitment too early, and the buyer ended the meeting."))
+    elif last == "pushback":
+        reasons.append(Text(
+            zh=f"最后一次请求承诺来得太早：客户只说出了 {explicit} 个明确需求，这位客户需要 {needed} 个，"
+            "通话就此结束。",
+            en=f"Your last close came too early: the buyer had stated {explicit} explicit need(s) and this buyer "
+            f"needs {needed}; the call ended there.",
+        ))
     elif last not in ("continuation", "no_sale"):
         reasons.append(Text(zh="通话结束时没有请求承诺。", en="The call ended without asking for a commitment."))
     played_down, vague = kinds.count("not_yet"), kinds.count("vague")

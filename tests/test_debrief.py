@@ -217,3 +217,17 @@ def test_grader_agrees_with_next_step_questions(offline_grader: OfflineGrader) -
                     wrong.append((question, label, got))
     # Templated questions around free-form topics: the grader may miss a few.
     assert len(wrong) <= 0.05 * total, wrong
+
+
+def test_a_call_that_ends_on_an_early_close_says_the_close_came_too_early(
+    practice: Callable[..., PracticeSession],
+) -> None:
+    session = practice(CARD, "en")
+    for text, _, _ in SCRIPT[2:6]:  # one explicit need
+        session.play(text)
+    close = session.play("Could we set up a visit to the warehouse next week, with your IT people there?")
+    assert close.reaction.kind == "pushback"
+    final = session.end()
+    ending = debrief.build(session.card, _turns(session), "en", outcome=final.outcome).ending
+    assert "came too early" in ending[0] and "1 explicit need" in ending[0]
+    assert not any("without asking for a commitment" in reason for reason in ending)
