@@ -70,8 +70,10 @@ def next_step(card: Scenario, state: CallState, language: Language) -> tuple[str
     for problem_id in state.implied:
         if problem_id not in state.explicit:
             topic = card.problem(problem_id).topic(language)
-            return "N", (f"如果{topic}的问题解决了，对您有什么帮助？" if zh
-                         else f"If {topic} were solved, how would that help you?")
+            # The topic is the card's phrase ("carpenters hard to hire and labour costs rising"): quoted
+            # back as what he said, not fitted into the sentence.
+            return "N", (f"您刚才提到{topic}。如果这件事解决了，对您有什么帮助？" if zh
+                         else f"You mentioned {topic}. If that were sorted out, how would it help you?")
     if state.facts:
         topic = card.fact(state.facts[-1]).topic(language)
         return "P", (f"说到{topic}，这方面有没有让您不太满意、或者比较费劲的地方？" if zh
@@ -117,32 +119,50 @@ def build(
 
 
 def _pattern(card: Scenario, d: Debrief, language: Language) -> list[str]:
+    """The SPIN mix judged for this kind of sale and against how the call ended, never alone."""
     zh = language == "zh"
     asked = sum(d.counts[k] for k in "SPIN") or 1
     share = {k: d.counts[k] / asked for k in "SPIN"}
+    developing = share["I"] + share["N"]
+    large = card.sales_type in LARGE_SALE_TYPES
+    won = d.outcome in ("Advance", "Order")
     notes = []
-    if card.sales_type in LARGE_SALE_TYPES:
+    if large:
         notes.append("这是大生意：研究显示成功的拜访多问暗示问题和需求-效益问题，少问背景问题。" if zh else
                      "This is a large sale: in the research, successful calls ask more Implication and "
                      "Need-payoff questions and fewer Situation questions.")
+    else:
+        notes.append("这是小额的交易型销售：客户要的是一次高效的拜访，谈清价格和省事，长时间的调查反而让客户不耐烦。"
+                     if zh else
+                     "This is a small, transactional sale: the buyer wants an efficient call about price and "
+                     "hassle, and a long investigation tries their patience.")
     if share["S"] > 0.4:
         notes.append(f"背景问题占 {share['S']:.0%}，偏多；事先做功课，把时间留给难点和暗示问题。" if zh else
                      f"Situation questions were {share['S']:.0%} of your questions: too many. Do the homework "
                      "beforehand and spend the time on Problem and Implication questions.")
-    if share["I"] + share["N"] < 0.35:
-        notes.append(f"暗示和需求-效益问题只占 {share['I'] + share['N']:.0%}；发现难点后要追问后果，再请客户说出价值。"
+    if developing < 0.35 and large:
+        notes.append(f"暗示和需求-效益问题只占 {developing:.0%}；发现难点后要追问后果，再请客户说出价值。"
                      if zh else
-                     f"Implication and Need-payoff questions were only {share['I'] + share['N']:.0%}: once a "
+                     f"Implication and Need-payoff questions were only {developing:.0%}: once a "
                      "problem is out, ask about its consequences, then let the buyer state the value.")
+    elif d.explicit and won:
+        notes.append(f"暗示和需求-效益问题占 {developing:.0%}，把难点发展成了明确需求"
+                     + ("，符合大生意的成功模式。" if large else "。") if zh else
+                     f"Implication and Need-payoff questions made up {developing:.0%} and turned problems into "
+                     "explicit needs" + (": the pattern of successful large-sale calls." if large else "."))
     elif d.explicit:
-        notes.append(f"暗示和需求-效益问题占 {share['I'] + share['N']:.0%}，符合大生意的成功模式。" if zh else
-                     f"Implication and Need-payoff questions made up {share['I'] + share['N']:.0%}: "
-                     "the pattern of successful large-sale calls.")
-    else:
+        # A good share that did not win is not praise: the debrief says what was missing.
+        needed = card.advance.requires_explicit_needs
+        notes.append(f"暗示和需求-效益问题占 {developing:.0%}，发展出 {len(d.explicit)} 个明确需求，"
+                     f"但还不足以让这位客户承诺（需要 {needed} 个）。" if zh else
+                     f"Implication and Need-payoff questions made up {developing:.0%} and developed "
+                     f"{len(d.explicit)} explicit need(s), not yet enough for this buyer to commit "
+                     f"({needed} needed).")
+    elif developing > 0:
         # The share alone proves nothing: these questions only count when they develop a real problem.
-        notes.append(f"暗示和需求-效益问题占 {share['I'] + share['N']:.0%}，但没有落在客户承认的难点上，"
+        notes.append(f"暗示和需求-效益问题占 {developing:.0%}，但没有落在客户承认的难点上，"
                      "一个明确需求也没有形成。" if zh else
-                     f"Implication and Need-payoff questions made up {share['I'] + share['N']:.0%}, but they did "
+                     f"Implication and Need-payoff questions made up {developing:.0%}, but they did "
                      "not build on a problem the buyer had admitted, so no explicit need came of them.")
     if d.premature_pitches:
         notes.append(f"在客户说出明确需求之前介绍了 {d.premature_pitches} 次产品，引来了异议。" if zh else
@@ -162,14 +182,14 @@ def _ending(
     explicit = len(final.explicit) if final else 0
     if outcome in ("Advance", "Order"):
         return [Text(
-            zh=f"客户同意了具体的下一步：他说出了 {explicit} 个明确需求，而你提议的行动需要他投入时间或人手。",
-            en=f"The buyer agreed to a concrete next step: he had stated {explicit} explicit need(s), and your "
-            "proposal asked him for time or people.",
+            zh=f"客户同意了具体的下一步：客户说出了 {explicit} 个明确需求，而你提议的行动需要客户投入时间或人手。",
+            en=f"The buyer agreed to a concrete next step: the buyer had stated {explicit} explicit need(s), and "
+            "your proposal asked for their time or people.",
         )(language)]
     reasons: list[Text] = []
     if last == "walk_out":
         reasons.append(Text(zh="客户的信任耗尽，提前结束了会面。",
-                            en="The buyer's trust ran out and he ended the meeting."))
+                            en="The buyer's trust ran out and the buyer ended the meeting."))
     elif last == "continuation" and explicit >= needed:
         reasons.append(Text(
             zh="需求已经足够，但结束时请求的承诺太弱（比如发资料、下周再联系），客户不用付出任何行动。",
@@ -178,7 +198,7 @@ def _ending(
         ))
     elif last == "no_sale" and explicit == 0:
         reasons.append(Text(zh="你请求了承诺，但客户一个明确需求都没有说出来，只能拒绝。",
-                            en="You asked for a commitment before the buyer had stated a single need, so he declined."))
+                            en="You asked for a commitment before the buyer had stated a single need: declined."))
     elif last in ("continuation", "no_sale") and "pushback" in kinds:
         reasons.append(Text(zh="多次过早请求承诺，客户结束了会面。",
                             en="You kept asking for commitment too early, and the buyer ended the meeting."))
@@ -194,14 +214,14 @@ def _ending(
     played_down, vague = kinds.count("not_yet"), kinds.count("vague")
     if implied == 0 and played_down:
         reasons.append(Text(
-            zh=f"客户对 {played_down} 个问题轻描淡写：信任还不够时就问难点，或者猜测了他没提过的问题的后果。",
-            en=f"The buyer played down {played_down} question(s): problems asked before he trusted you, or "
-            "consequences of problems he had never mentioned.",
+            zh=f"客户对 {played_down} 个问题轻描淡写：信任还不够时就问难点，或者猜测了客户没提过的问题的后果。",
+            en=f"The buyer played down {played_down} question(s): problems asked before the buyer trusted you, or "
+            "consequences of problems the buyer had never mentioned.",
         ))
     elif implied == 0 and vague:
         reasons.append(Text(
             zh=f"有 {vague} 个问题没有指向客户业务里的具体事情，一个难点也没发现。",
-            en=f"{vague} question(s) were about nothing specific in his business, so no problem came out.",
+            en=f"{vague} question(s) were about nothing specific in the buyer's business, so no problem came out.",
         ))
     elif implied == 0:
         reasons.append(Text(zh="没有问难点问题，客户一个难点也没承认。",

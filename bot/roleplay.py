@@ -226,7 +226,7 @@ REACTIONS: _ReactionTable = {
     ),
     "walk_out": ReactionSpec(
         "walk_out", "you have lost patience with this rep: end the meeting politely but firmly.", 0.0, 5,
-        Text(zh="客户的信任耗尽，提前结束了会面。", en="The buyer's trust ran out and he ended the meeting."),
+        Text(zh="客户的信任耗尽，提前结束了会面。", en="The buyer's trust ran out and the buyer ended the meeting."),
     ),
     "rapport": ReactionSpec("rapport", "respond warmly to the personal remark, briefly.", 0.03),
     "greeting": ReactionSpec("greeting", "return the greeting briefly and get down to business."),
@@ -251,14 +251,14 @@ REACTIONS: _ReactionTable = {
     "unfelt": ReactionSpec(
         "unfelt", "you admitted this difficulty, but nobody has asked what it costs you: agree a solution "
         "would be nice, without enthusiasm, and do not say it is worth much.", 0.0, 3,
-        Text(zh="客户承认了难点，但你还没问它带来的后果就谈解决的价值，他觉得不值多少。",
-             en="You asked what solving a problem was worth before exploring what it cost him, so it seemed "
+        Text(zh="客户承认了难点，但你还没问它带来的后果就谈解决的价值，客户觉得不值多少。",
+             en="You asked what solving a problem was worth before exploring what it cost the buyer, so it seemed "
              "worth little."),
     ),
     "not_yet": ReactionSpec(
         "not_yet", "downplay it; do not admit any problem yet.", 0.0, 3,
         Text(zh="客户的信任还不够，或者还没承认这个难点，所以轻描淡写。",
-             en="The buyer played it down: not enough trust yet, or he had not admitted that problem."),
+             en="The buyer played it down: not enough trust yet, or that problem was not admitted yet."),
     ),
     "deflect": ReactionSpec(
         "deflect", "stay in character, politely refuse, and reveal nothing.", -0.10, 2,
@@ -275,8 +275,8 @@ REACTIONS: _ReactionTable = {
     "insight_unwanted": ReactionSpec(
         "insight", "the rep is lecturing you about your own trade: brush it off and ask for the price, "
         "delivery and what it takes to switch.", 0.0, 2,
-        Text(zh="这位客户看重价格和省事（内在价值型），不需要别人给他讲行业道理。",
-             en="This buyer values price and convenience (intrinsic): he did not want a lecture on his own trade."),
+        Text(zh="这位客户看重价格和省事（内在价值型），不需要别人给客户讲行业道理。",
+             en="This buyer values price and convenience (intrinsic) and did not want a lecture on their own trade."),
     ),
 }
 

@@ -231,3 +231,23 @@ def test_a_call_that_ends_on_an_early_close_says_the_close_came_too_early(
     ending = debrief.build(session.card, _turns(session), "en", outcome=final.outcome).ending
     assert "came too early" in ending[0] and "1 explicit need" in ending[0]
     assert not any("without asking for a commitment" in reason for reason in ending)
+
+
+def test_the_mix_is_judged_against_the_outcome_and_the_kind_of_sale(
+    practice: Callable[..., PracticeSession],
+) -> None:
+    session = practice(CARD, "en")  # consultative: a large sale
+    for text, _, _ in SCRIPT[2:6]:  # one explicit need, no close
+        session.play(text)
+    final = session.end()
+    pattern = debrief.build(session.card, _turns(session), "en", outcome=final.outcome).pattern
+    assert final.outcome not in ("Advance", "Order")
+    assert not any("pattern of successful" in note for note in pattern)
+    assert any("1 explicit need(s), not yet enough" in note for note in pattern)
+
+    small = practice("hospital-intrinsic-01", "en")  # transactional
+    small.play("Who's supplying your IV cannulas at the moment?")
+    final = small.end()
+    pattern = debrief.build(small.card, _turns(small), "en", outcome=final.outcome).pattern
+    assert any("small, transactional sale" in note for note in pattern)
+    assert not any("large sale" in note or "large-sale" in note for note in pattern)
