@@ -146,10 +146,13 @@ def _pattern(card: Scenario, d: Debrief, language: Language) -> list[str]:
                      f"Implication and Need-payoff questions were only {developing:.0%}: once a "
                      "problem is out, ask about its consequences, then let the buyer state the value.")
     elif d.explicit and won:
-        notes.append(f"暗示和需求-效益问题占 {developing:.0%}，把难点发展成了明确需求"
-                     + ("，符合大生意的成功模式。" if large else "。") if zh else
-                     f"Implication and Need-payoff questions made up {developing:.0%} and turned problems into "
-                     "explicit needs" + (": the pattern of successful large-sale calls." if large else "."))
+        if zh:
+            praise = "，符合大生意的成功模式。" if large else "。"
+            notes.append(f"暗示和需求-效益问题占 {developing:.0%}，把难点发展成了明确需求{praise}")
+        else:
+            praise = ": the pattern of successful large-sale calls." if large else "."
+            notes.append(f"Implication and Need-payoff questions made up {developing:.0%} and turned problems "
+                         f"into explicit needs{praise}")
     elif d.explicit:
         # A good share that did not win is not praise: the debrief says what was missing.
         needed = card.advance.requires_explicit_needs

@@ -420,11 +420,12 @@ def _implication(card: Scenario, state: CallState, reading: Reading, rules: Rule
         return _apply(state, Reaction("vague"))
     if problem_id not in state.implied:
         if problem_id in state.credited and state.trust >= rules.problem_trust:
-            # Asked about this difficulty before and pressed again with trust earned: he admits it.
+            # A Problem question on it was turned down for want of trust; pressed again now that trust is
+            # earned, he admits it (`credited` holds a bare problem id only from that turn).
             return _problem(card, state, reading, rules)
         # The consequence of a problem he has not admitted is a guess: it unlocks nothing and earns no
         # credit (a rep who skips the problem question has not shown he knows the trade).
-        return _apply(state, Reaction("not_yet", topic=problem_id), 0.0)
+        return _apply(state, Reaction("not_yet", topic=problem_id))
     if state.trust < rules.problem_trust:
         return _apply(state, Reaction("not_yet", topic=problem_id))
     shown = state.implications.get(problem_id, ())
