@@ -84,6 +84,18 @@ INJECTION_PATTERN = re.compile(
 # questions. A gate on attack words ("system", "rubric") added false alarms on business questions
 # that use them and caught nothing the threshold misses, so there is none.
 ATTACK_SURE = 0.6
+# The check that ends a proposal ("does that work?", "您看行吗？"): it asks him to agree, not about his business.
+CLOSING_CHECK = re.compile(
+    r"(?:\b(?:does|would|will|could|can) (?:that|this|it|\w+day)(?: \w+)? (?:work|suit|sound)"
+    r"(?: (?:for |with )?(?:you|your \w+|everyone))?|\bhow (?:does|would) (?:that|this) (?:sound|look)"
+    r"|\bwhat do you (?:say|think)|\bshall we|\bsound (?:good|ok|okay|fair)|\b(?:deal|agreed|ok|okay)"
+    r"|\bis that (?:ok|okay|alright|fine)(?: with you)?)\W*$"
+    r"|[行好]吗|可以吗|怎么样|好不好|行不行|可不可以|您看呢|你看呢|如何[？?]|没问题吧|定了吧|就这么定",
+    re.IGNORECASE,
+)
+# Offline, an attack guess below this on a question about the buyer's business is heard as the question.
+# Set by judgement, then checked on the attack sets (evals/README.md, "Attacks"): an offline miss is harmless.
+QUESTION_OVER_ATTACK = 0.8
 _LEET = str.maketrans("013457@$", "oieastas")
 _SPACED_OUT = re.compile(r"(?:(?<!\S)\S ){5,}")
 
@@ -404,7 +416,8 @@ GENERIC_MARGIN = 0.02  # chosen on the two topic tune files (none precision back
 # a guess, which a buyer denies until he has admitted the problem himself.
 PRESUMING = re.compile(
     r"\bmust\b(?!-)|\bI bet\b|\bsurely\b|\bno doubt\b|\bI'm sure\b|\bI know (?:that )?your\b"
-    r"|肯定|一定(?!要)|想必|估计|没少|少不了|好几[十百千万亿]|得有.{0,8}吧|应该(?:不少|很多|挺|会|是)"
+    r"|\bI(?:'d| would)? imagine\b|\bI'm guessing\b|\bI(?:'d)? guess\b|\bI assume\b|\bpresumably\b"
+    r"|肯定|一定(?!要)|想必|估计|我猜|八成|没少|少不了|好几[十百千万亿]|得有.{0,8}吧|应该(?:不少|很多|挺|会|是)"
     r"|(?:不少|很多|挺多|够呛|吃不消|头疼)吧|[这那]么(?:难|差|高|低|频繁|多|慢|贵|乱|严重|紧|长|大|费)",
     re.IGNORECASE,
 )
@@ -755,6 +768,10 @@ class OfflineReader:
         ])
         grade = self.grader.grade(utterance, context)
         move = self.read_move(utterance)
+        if move == "commitment" and grade.label in ("S", "P", "I"):
+            move = self._asked_after_offer(utterance, move)
+        if move == "injection" and self._question_not_attack(utterance, grade.label):
+            move = "question"
         topic = None
         asked_again = reasks(utterance)
         proposal = self.proposals.read(utterance) if move == "commitment" else None
@@ -785,6 +802,26 @@ class OfflineReader:
             grade.label, move, topic, grade.reason, grade.confidence, grade.better_question, self.name, proposal,
             presumes(utterance), implication, insight, asked_again,
         )
+
+    def _question_not_attack(self, utterance: str, label: Label | None) -> bool:
+        """An unsure attack guess of the move model on a question about his business ("how strict are
+        the temperature requirements?") is heard as the question. Offline, a missed attack costs nothing
+        (the rules decide every word he says); a false alarm costs an honest rep trust."""
+        if label not in ("S", "P", "I", "N") or disguised(utterance) is not None:
+            return False
+        if looks_like_attack(utterance, INJECTION_PATTERN):
+            return False
+        unsure = self.moves.probabilities(utterance).get("injection", 0.0) < QUESTION_OVER_ATTACK
+        return unsure and self.topics.match(utterance) is not None
+
+    def _asked_after_offer(self, utterance: str, move: Move) -> Move:
+        """"I'll price it in a minute. First, how many mu this year?": an offer, then a question about
+        his business, which is what the buyer answers (coding guide rule 1). A closing check ("does that
+        work?") names nothing of his, so the line stays a commitment request."""
+        question = focus_question(utterance).strip()
+        if question == utterance.strip() or CLOSING_CHECK.search(question) or self.read_move(question) != "question":
+            return move
+        return "question" if self.topics.match(question) is not None else move
 
     def read_move(self, utterance: str) -> Move:
         if looks_like_attack(utterance, INJECTION_PATTERN):

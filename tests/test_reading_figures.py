@@ -2,7 +2,8 @@
 
 - label: the held-out half of the external set (public example questions, whole sources held out) and
   the shared dev set;
-- move: the held-out move set (written apart from the training set, partly from public material);
+- move: the held-out move set (written apart from the training set, partly from public material) and
+  held-out closing lines;
 - attacks: three held-out attack sets (the third from public prompt-injection material), and false
   alarms on real questions from all of the above;
 - topic: the held-out per-card topic set (the topic gate is trained on the tune files only);
@@ -67,6 +68,23 @@ def test_moves_hold_on_the_held_out_move_set(read: Callable[[Path], dict]) -> No
     wrong = [s for s in result["samples"]
              if s["gold"]["move"] in ("greeting", "rapport") and s["read"]["move"] == "commitment"]
     assert wrong == []
+
+
+def test_closing_lines_are_heard_as_commitment_requests(read: Callable[[Path], dict]) -> None:
+    """Held-out closes (moves/closes-test.jsonl: its author saw no code and no data), with look-alikes
+    that ask for nothing: questions about his contracts, recaps, pitches of trials, plain goodbyes."""
+    from bot.reading import move_training_data
+
+    samples = read(DATA / "moves" / "closes-test.jsonl")["samples"]
+    assert {s["utterance"].strip() for s in samples} & {u.strip() for u in move_training_data()[0]} == set()
+    for lang in ("zh", "en"):
+        closes = [s for s in samples if s["lang"] == lang and s["gold"]["move"] == "commitment"]
+        heard = sum(s["read"]["move"] == "commitment" for s in closes)
+        assert heard / len(closes) >= 0.80, (lang, heard, len(closes))
+    others = [s for s in samples if s["gold"]["move"] != "commitment"]
+    assert sum(s["read"]["move"] == "commitment" for s in others) <= 0.05 * len(others)
+    # A friendly sign-off is never taken for an attack more than once in a while.
+    assert sum(s["read"]["move"] == "injection" for s in samples) <= 4
 
 
 def _attempts_only(tmp_path: Path) -> Path:
