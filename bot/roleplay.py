@@ -309,10 +309,15 @@ def step(card: Scenario, state: CallState, reading: Reading) -> tuple[CallState,
         counts[label] += 1
     asking = label in ("S", "P", "I", "N") and reading.move in ("question", "summary")
     state = replace(
-        state, turn=state.turn + 1, counts=counts, situation_streak=state.situation_streak + 1 if label == "S" else 0,
+        state, turn=state.turn + 1, counts=counts,
+        situation_streak=state.situation_streak + 1 if label == "S" else state.situation_streak,
         questions=state.questions + (1 if asking else 0),
     )
     state, reaction = _react(card, state, reading)
+    if label != "S" and reaction.kind not in ("nothing_more", "vague"):
+        # A run of fact-finding ends when the rep asks something new; a line that brought nothing new
+        # ("how much pipe will you need?" heard as a problem he has told) does not end it.
+        state = replace(state, situation_streak=0)
     state = replace(state, asked=False)  # what he asks next is set when he speaks (`speak`)
     if not state.ended and state.trust < WALK_OUT_TRUST:
         return replace(state, outcome="No-sale"), Reaction("walk_out")
@@ -337,6 +342,10 @@ def _react(card: Scenario, state: CallState, reading: Reading) -> tuple[CallStat
     if reading.reasks and reading.topic in state.facts and reading.move in ("question", "summary"):
         # "Sorry, what was the headcount again?": he told it already, whatever the line reads as.
         return _repeat(state, reading.topic)
+    if label == "O" and reading.move == "question" and topic_kind(card, reading.topic) == "problem":
+        # A question the grader could not place, about a difficulty of his ("can head office see the
+        # whole picture?"): he hears a question about that difficulty (the rep still sees the O).
+        label = "P"
     if reading.move in ("rapport", "greeting") or label == "O":
         # Rule 7: a rapport question is O even when it asks for a fact; the buyer hears small talk.
         return _other(card, state, reading)
@@ -404,8 +413,12 @@ def _problem(card: Scenario, state: CallState, reading: Reading, rules: Rules) -
     if problem_id is None or topic_kind(card, problem_id) != "problem":
         return _apply(state, Reaction("vague"))
     if problem_id in state.implied:
-        # Back to a problem he has admitted: he said it already, and the talk is on it again.
-        return _apply(replace(state, focus=problem_id), Reaction("nothing_more", topic=problem_id))
+        # Back to a problem he has admitted: he said it already, and the talk is on it again. Digging into
+        # it is good questioning and costs nothing; asking again in so many words shows no listening.
+        return _apply(
+            replace(state, focus=problem_id), Reaction("nothing_more", topic=problem_id),
+            None if reading.reasks else 0.0,
+        )
     if state.trust < rules.problem_trust:
         # Not yet, but a question aimed at a real difficulty tells the buyer the rep knows the trade.
         return _credit(state, problem_id, Reaction("not_yet", topic=problem_id))

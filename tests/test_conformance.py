@@ -26,21 +26,16 @@ SCRIPTS = {s.card: s for s in conformance.load_scripts()}
 # (card, archetype, language): why the call does not behave yet. Each is a misreading, not a rule.
 _REPEAT = "a re-asked fact question with no asking-again words is misread (labelled I, or given another topic)"
 _GUESS = "a guessed consequence asked yes/no ('has the brand already taken a hit?') is read as P and admits the problem"
-_THREE_NEEDS = "three explicit needs: Problem questions read as I or S leave two problems undeveloped"
+_THREE_NEEDS = "three explicit needs: Problem questions read as I or S, or given another problem, leave one undeveloped"
 # Implications asked before the problem is admitted are guesses and unlock nothing, so a misread
 # Problem question leaves its problem closed for the rest of the call.
 _PROBE = "the Problem question opening a problem is misread ({}), so the implications after it are guesses"
 KNOWN_MISSES: dict[tuple[str, Archetype, Language], str] = {
-    ("auto-dealer-strategic-01", "skilled", "zh"): _PROBE.format("'集团这边能看到全貌吗？' as O"),
     ("auto-dealer-strategic-01", "skilled", "en"): _PROBE.format("'how well do you hold on to those customers' as N"),
-    ("compressor-intrinsic-01", "skilled", "zh"): _PROBE.format("'电费这块…心疼不心疼' matched to overheating"),
     ("food-packaging-intrinsic-01", "repeats", "zh"): _REPEAT,
     ("pharma-strategic-01", "skilled", "zh"): _THREE_NEEDS,
     ("pharma-strategic-01", "skilled", "en"): _THREE_NEEDS,
-    ("pharma-strategic-01", "early_close", "zh"): "the close (a framework agreement) is read as a summary",
-    ("retail-saas-strategic-01", "early_close", "en"): "the close ('why don't we sign…') is read as a question",
     ("school-extrinsic-01", "guessed_implications", "en"): _GUESS,
-    ("warehouse-extrinsic-01", "repeats", "en"): "'what's the headcount again?' is matched to the wrong fact (clients)",
 }
 
 
@@ -69,7 +64,9 @@ def test_suite_lines_are_in_no_training_set() -> None:
     from bot.reading import move_training_data
 
     trained = {item.utterance.strip() for item in load_training_set()} | {u.strip() for u in move_training_data()[0]}
-    lines = {line.strip() for s in SCRIPTS.values() for by in s.calls.values() for ls in by.values() for line in ls}
+    second = conformance.load_scripts(conformance.ROLEPLAY_DIR.parent / "roleplay-second")
+    lines = {line.strip() for s in [*SCRIPTS.values(), *second] for by in s.calls.values() for ls in by.values()
+             for line in ls}
     # Fillers ("好的。", "I see.") are in any corpus; a line with content must not be.
     assert {line for line in lines & trained if len(line) > 8} == set()
 

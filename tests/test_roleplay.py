@@ -167,6 +167,37 @@ def test_problem_reveals_the_implied_need_once(card: Scenario) -> None:
     assert reaction.kind == "vague"
 
 
+def test_digging_into_an_admitted_problem_costs_nothing_but_asking_it_again_does(card: Scenario) -> None:
+    state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="walking"))
+    trust = state.trust
+    state, reaction = roleplay.step(card, state, reading("P", problem="walking"))  # "does it get worse at peak?"
+    assert reaction.kind == "nothing_more" and state.trust == trust and state.focus == "walking"
+    state, reaction = roleplay.step(card, state, reading("P", problem="walking", reasks=True))  # "...again?"
+    assert reaction.kind == "nothing_more" and state.trust == pytest.approx(trust + trust_of("nothing_more"))
+
+
+def test_a_question_the_grader_calls_other_is_heard_as_a_question_about_his_difficulty(card: Scenario) -> None:
+    # "Can head office see the whole picture?" read O, but about a problem of his: he answers it as one.
+    state, reaction = roleplay.step(card, roleplay.start(card), reading("O", problem="walking"))
+    assert reaction.kind == "implied" and state.implied == ("walking",)
+    assert state.counts["O"] == 1  # the rep still sees the label the grader gave
+    # A guess stays a guess, and a summary or a line about no topic stays what it was.
+    guess = Reading("O", "question", "pick-errors", "test", presumes=True)
+    state, reaction = roleplay.step(card, state, guess)
+    assert reaction.kind == "not_yet" and "pick-errors" not in state.implied
+    _, reaction = roleplay.step(card, state, reading("O", "summary", problem="temp-training"))
+    assert reaction.kind == "ack"
+
+
+def test_a_line_that_brings_nothing_new_does_not_end_a_run_of_situation_questions(card: Scenario) -> None:
+    state, _ = roleplay.step(card, roleplay.start(card), reading("P", problem="walking"))
+    state, _ = roleplay.step(card, state, reading("S", fact="scale"))
+    state, _ = roleplay.step(card, state, reading("P", problem="walking"))  # nothing new: a fact question misread
+    assert state.situation_streak == 1
+    state, _ = roleplay.step(card, state, reading("P", problem="pick-errors"))  # a new problem: the run is over
+    assert state.situation_streak == 0
+
+
 def test_implication_before_its_problem_unlocks_nothing_and_earns_nothing(card: Scenario) -> None:
     state = roleplay.start(card)
     state, reaction = roleplay.step(card, state, reading("I", problem="pick-errors"))
