@@ -93,7 +93,7 @@ CLOSING_CHECK = re.compile(
     r"|[行好]吗|可以吗|怎么样|好不好|行不行|可不可以|您看呢|你看呢|如何[？?]|没问题吧|定了吧|就这么定",
     re.IGNORECASE,
 )
-# Offline, an attack guess below this on a question about the buyer's business is heard as the question.
+# Offline, an attack guess below this on a line the grader reads as S/P/I/N is heard as the question.
 # Set by judgement, then checked on the attack sets (evals/README.md, "Attacks"): an offline miss is harmless.
 QUESTION_OVER_ATTACK = 0.8
 _LEET = str.maketrans("013457@$", "oieastas")
@@ -804,15 +804,14 @@ class OfflineReader:
         )
 
     def _question_not_attack(self, utterance: str, label: Label | None) -> bool:
-        """An unsure attack guess of the move model on a question about his business ("how strict are
-        the temperature requirements?") is heard as the question. Offline, a missed attack costs nothing
+        """An unsure attack guess of the move model on a line the grader reads as a SPIN question ("how
+        strict are the temperature requirements?") is heard as the question. Offline, a missed attack costs nothing
         (the rules decide every word he says); a false alarm costs an honest rep trust."""
         if label not in ("S", "P", "I", "N") or disguised(utterance) is not None:
             return False
         if looks_like_attack(utterance, INJECTION_PATTERN):
             return False
-        unsure = self.moves.probabilities(utterance).get("injection", 0.0) < QUESTION_OVER_ATTACK
-        return unsure and self.topics.match(utterance) is not None
+        return self.moves.probabilities(utterance).get("injection", 0.0) < QUESTION_OVER_ATTACK
 
     def _asked_after_offer(self, utterance: str, move: Move) -> Move:
         """"I'll price it in a minute. First, how many mu this year?": an offer, then a question about
