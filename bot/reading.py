@@ -768,9 +768,9 @@ class OfflineReader:
         ])
         grade = self.grader.grade(utterance, context)
         move = self.read_move(utterance)
-        if move == "commitment" and grade.label in ("S", "P", "I"):
-            move = self._asked_after_offer(utterance, move)
-        if move == "injection" and self._question_not_attack(utterance, grade.label):
+        if move == "commitment" and grade.label in ("S", "P", "I") and self._asks_after_offer(utterance):
+            move = "question"
+        if move == "injection" and plain is None and self._question_not_attack(utterance, grade.label):
             move = "question"
         topic = None
         asked_again = reasks(utterance)
@@ -804,23 +804,22 @@ class OfflineReader:
         )
 
     def _question_not_attack(self, utterance: str, label: Label | None) -> bool:
-        """An unsure attack guess of the move model on a line the grader reads as a SPIN question ("how
-        strict are the temperature requirements?") is heard as the question. Offline, a missed attack costs nothing
-        (the rules decide every word he says); a false alarm costs an honest rep trust."""
-        if label not in ("S", "P", "I", "N") or disguised(utterance) is not None:
-            return False
-        if looks_like_attack(utterance, INJECTION_PATTERN):
+        """An unsure attack guess of the move model on an undisguised line the grader reads as a SPIN
+        question ("how strict are the temperature requirements?") is heard as the question. Offline, a
+        missed attack costs nothing (the rules decide every word he says); a false alarm costs an honest
+        rep trust."""
+        if label not in ("S", "P", "I", "N") or looks_like_attack(utterance, INJECTION_PATTERN):
             return False
         return self.moves.probabilities(utterance).get("injection", 0.0) < QUESTION_OVER_ATTACK
 
-    def _asked_after_offer(self, utterance: str, move: Move) -> Move:
+    def _asks_after_offer(self, utterance: str) -> bool:
         """"I'll price it in a minute. First, how many mu this year?": an offer, then a question about
-        his business, which is what the buyer answers (coding guide rule 1). A closing check ("does that
-        work?") names nothing of his, so the line stays a commitment request."""
+        his business, which is what the buyer answers (coding guide rule 1). The check that ends a
+        proposal ("does that work?") or a question about none of his topics leaves it a commitment request."""
         question = focus_question(utterance).strip()
         if question == utterance.strip() or CLOSING_CHECK.search(question) or self.read_move(question) != "question":
-            return move
-        return "question" if self.topics.match(question) is not None else move
+            return False
+        return self.topics.match(question) is not None
 
     def read_move(self, utterance: str) -> Move:
         if looks_like_attack(utterance, INJECTION_PATTERN):

@@ -12,8 +12,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from bot import scenarios
 from bot.config import Settings
-from bot.reading import OfflineReader
 from bot.runtime import Runtime
 
 
@@ -21,9 +21,8 @@ def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit("usage: commitments_as_moves.py FILE.jsonl")
     path = Path(sys.argv[1])
-    moves = Runtime(Settings()).move_model
-    reader = OfflineReader.__new__(OfflineReader)  # read_move needs only the move model
-    reader.moves = moves
+    # read_move uses the move model and the lexical net only: any card's reader gives the same moves.
+    reader = Runtime(Settings()).reader(scenarios.builtin()[0], "offline")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     heard: Counter[str] = Counter()
     for row in rows:
